@@ -1,0 +1,192 @@
+"""Per-example gradients and their clipped sums.
+
+Two clipping modes (METHOD.md):
+
+- "global" (DP-SGD, and the literal ANADP variant): each example's gradient is
+  scaled to norm at most C; the sum is in parameter space.
+- "elliptical" (ANADP's default): each example's gradient is whitened by the
+  per-group noise scales, h = g / s, then clipped to ||h|| <= C; the sum is in
+  whitened space, and the mechanism multiplies by s after adding noise.
+
+In both modes every example's contribution to the returned sum has norm at most
+C (in the space the noise is added in), and a row whose mask is 0 contributes
+exactly zero. Nothing computed here is public: the sums must go through
+`noise.release` before anything derived from them leaves the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from anadp import allocation
+from anadp.allocation import Groups
+
+CLIPPING_MODES = ("elliptical", "global")
+
+
+class ClippedSum(NamedTuple):
+    """Sums over a batch of clipped per-example contributions (not yet private).
+
+    Attributes:
+      grads: sum of clipped gradients: whitened (h) for elliptical clipping,
+        raw (g) for global clipping; a tree like the params.
+      profile: [K] sum of per-example norm profiles u_i (each of norm <= 1), or
+        None when no estimator needs it.
+    """
+
+    grads: Any
+    profile: jax.Array | None = None
+
+    def __add__(self, other: ClippedSum) -> ClippedSum:  # type: ignore[override]
+        grads = jax.tree_util.tree_map(jnp.add, self.grads, other.grads)
+        profile = None if self.profile is None else self.profile + other.profile
+        return ClippedSum(grads, profile)
+
+
+def check_clipping(clipping: str) -> None:
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_MODES}")
+
+
+def per_example_grads(loss_fn: Callable, params: Any, batch: Any) -> Any:
+    """Gradients of `loss_fn(params, example)` for every example of `batch`.
+
+    `loss_fn` takes one example (no batch axis); the result has a leading batch axis.
+    """
+    return jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)
+
+
+def _per_leaf_sq_norms(grads: Any) -> list[jax.Array]:
+    """For each leaf, the per-example squared norms, shape [B]."""
+    return [
+        jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+        for g in jax.tree_util.tree_leaves(grads)
+    ]
+
+
+def clipped_sum(
+    per_example_grads: Any,
+    scales: Any,
+    *,
+    l2_norm_clip: float,
+    clipping: str,
+    mask: jax.Array | None = None,
+    groups: Groups | None = None,
+) -> ClippedSum:
+    """Clips each example's gradient and sums over the batch.
+
+    Args:
+      per_example_grads: tree of arrays with a leading batch axis [B, ...].
+      scales: tree with the gradient's structure, one positive scalar per leaf
+        (the noise scale of the leaf's group); ignored by global clipping. None
+        means all ones.
+      l2_norm_clip: C.
+      clipping: "elliptical" (clip ||g / s|| <= C) or "global" (clip ||g|| <= C).
+      mask: [B], 1 for real rows and 0 for padding; padding contributes exactly 0.
+      groups: if given, also sum the per-example norm profiles
+        u_i = (||g_{i,1}||, ..., ||g_{i,K}||) / ||g_i|| (norm 1, or 0 for a zero
+        gradient) for the `private_profile` estimator.
+
+    Returns:
+      A ClippedSum. Each example adds at most C to the norm of `grads` (in the
+      whitened space for elliptical clipping) and at most 1 to that of `profile`.
+    """
+    check_clipping(clipping)
+    leaves, treedef = jax.tree_util.tree_flatten(per_example_grads)
+    batch_size = leaves[0].shape[0]
+    if scales is None:
+        scale_leaves = [jnp.ones([], jnp.float32)] * len(leaves)
+    else:
+        scale_leaves = treedef.flatten_up_to(scales)
+    sq_norms = _per_leaf_sq_norms(per_example_grads)
+
+    if clipping == "elliptical":
+        # ||g / s||^2 without materialising g / s: divide each leaf's squared norm.
+        total_sq = sum(n / jnp.square(s) for n, s in zip(sq_norms, scale_leaves))
+    else:
+        total_sq = sum(sq_norms)
+    norms = jnp.sqrt(total_sq)
+    # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
+    factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
+    if mask is not None:
+        factors = jnp.where(mask.astype(bool), factors, 0.0)
+
+    def weighted_sum(g, s):
+        summed = jnp.einsum(
+            "b,b...->...", factors.astype(g.dtype), g, preferred_element_type=jnp.float32
+        )
+        return summed / s if clipping == "elliptical" else summed
+
+    summed = treedef.unflatten(
+        [weighted_sum(g, s) for g, s in zip(leaves, scale_leaves)]
+    )
+
+    profile = None
+    if groups is not None:
+        group_norms = jnp.sqrt(allocation.group_sum(sq_norms, groups))  # [K, B]
+        raw_norms = jnp.sqrt(sum(sq_norms))  # [B]
+        unit = group_norms / jnp.where(raw_norms > 0, raw_norms, 1.0)
+        weights = jnp.ones([batch_size]) if mask is None else mask.astype(jnp.float32)
+        profile = unit @ weights
+    return ClippedSum(summed, profile)
+
+
+def clipped_grad_sum(
+    loss_fn: Callable,
+    params: Any,
+    batch: Any,
+    scales: Any,
+    *,
+    l2_norm_clip: float,
+    clipping: str,
+    mask: jax.Array | None = None,
+    microbatch_size: int | None = None,
+    groups: Groups | None = None,
+) -> ClippedSum:
+    """Clipped sum of per-example gradients, computed microbatch by microbatch.
+
+    The memory path: per-example gradients exist for one microbatch at a time
+    (peak memory grows with `microbatch_size`, not the batch), and their clipped
+    sums are accumulated inside one `lax.scan`. Equal to
+    `clipped_sum(per_example_grads(loss_fn, params, batch), ...)` up to the
+    order of floating-point additions.
+
+    Args:
+      loss_fn: `loss_fn(params, example) -> scalar` on one example.
+      batch: tree of arrays with a leading batch axis B.
+      microbatch_size: must divide B; None processes the batch in one go.
+      Other arguments: as for `clipped_sum`.
+    """
+    batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if mask is None:
+        mask = jnp.ones([batch_size], jnp.float32)
+    if microbatch_size is None or microbatch_size >= batch_size:
+        grads = per_example_grads(loss_fn, params, batch)
+        return clipped_sum(
+            grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask, groups=groups
+        )
+    if batch_size % microbatch_size:
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
+        )
+    num_micro = batch_size // microbatch_size
+
+    def split(x):
+        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
+
+    def body(total, micro):
+        micro_batch, micro_mask = micro
+        grads = per_example_grads(loss_fn, params, micro_batch)
+        part = clipped_sum(
+            grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=micro_mask, groups=groups
+        )
+        return total + part, None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
+    total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
+    return total

@@ -1,0 +1,181 @@
+"""Poisson sampling on the host (NumPy), padded to a fixed physical batch shape.
+
+This is the sampling the accountant assumes (METHOD.md, "Sampling"): at every
+step each of the ``N`` examples is included independently with probability
+``q``. The realised batch size is random; the mechanism divides by the
+*expected* size ``q N`` (:attr:`PoissonSampler.expected_batch_size`), never by
+the realised one.
+
+To let ``jit`` compile once, a draw is split into passes of a fixed physical
+shape ``[physical_batch_size]`` with a mask; padded rows have mask 0 and must
+contribute exactly zero. A draw larger than the physical shape is processed in
+more passes; it is never truncated.
+
+Step ``t``'s draw depends only on ``(seed, t)`` (``np.random.default_rng([seed, t])``),
+so resuming a run at step ``t`` needs only the step index.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "PhysicalBatch",
+    "PoissonSampler",
+    "sampling_rate_for",
+    "steps_for_epochs",
+]
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")  # noqa: TRY004 (contract: ValueError)
+    if int(value) < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return int(value)
+
+
+def _real_arg(name: str, value: Any) -> float:
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise ValueError(f"{name}={value!r} must be a real number")  # noqa: TRY004 (contract: ValueError)
+    out = float(value)
+    if math.isnan(out):
+        raise ValueError(f"{name}={value!r} must be a real number, not NaN")
+    return out
+
+
+def _rate_arg(sampling_rate: Any) -> float:
+    q = _real_arg("sampling_rate", sampling_rate)
+    if not (0.0 < q <= 1.0):
+        raise ValueError(f"sampling_rate={sampling_rate!r} is outside (0, 1]")
+    return q
+
+
+def sampling_rate_for(expected_batch_size: float, num_examples: int) -> float:
+    """Poisson rate ``q = expected_batch_size / num_examples``, in (0, 1]."""
+    n = _int_arg("num_examples", num_examples, 1)
+    b = _real_arg("expected_batch_size", expected_batch_size)
+    if not (0.0 < b <= n):
+        raise ValueError(
+            f"expected_batch_size={expected_batch_size!r} is outside (0, num_examples={n}]")
+    return b / n
+
+
+def steps_for_epochs(epochs: float, sampling_rate: float) -> int:
+    """Number of steps that visit each example ``epochs`` times in expectation: ``round(epochs / q)`` (>= 1)."""
+    e = _real_arg("epochs", epochs)
+    if not (0.0 < e < math.inf):
+        raise ValueError(f"epochs={epochs!r} is outside (0, inf)")
+    q = _rate_arg(sampling_rate)
+    return max(1, round(e / q))
+
+
+class PhysicalBatch(NamedTuple):
+    """One pass of a step's draw, padded to the physical shape.
+
+    ``indices``: int32 ``[physical_batch_size]`` example indices (padded rows
+    hold index 0, a valid index, and must be ignored). ``mask``: float32
+    ``[physical_batch_size]``, 1.0 for sampled rows and 0.0 for padding.
+    """
+
+    indices: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def num_real(self) -> int:
+        """Number of sampled (unmasked) rows in this pass."""
+        return int(np.count_nonzero(self.mask))
+
+
+class PoissonSampler:
+    """Poisson sampler: each example is in step ``t``'s batch independently with probability ``q``.
+
+    Args:
+        num_examples: dataset size ``N`` (>= 1).
+        sampling_rate: ``q`` in (0, 1].
+        physical_batch_size: rows per pass (>= 1); a draw of ``n`` examples is
+            processed in ``max(1, ceil(n / physical_batch_size))`` passes.
+        seed: non-negative integer; step ``t`` uses ``np.random.default_rng([seed, t])``.
+    """
+
+    def __init__(self, num_examples: int, sampling_rate: float, physical_batch_size: int, seed: int):
+        self._n = _int_arg("num_examples", num_examples, 1)
+        self._q = _rate_arg(sampling_rate)
+        self._p = _int_arg("physical_batch_size", physical_batch_size, 1)
+        self._seed = _int_arg("seed", seed, 0)
+
+    @property
+    def num_examples(self) -> int:
+        return self._n
+
+    @property
+    def sampling_rate(self) -> float:
+        return self._q
+
+    @property
+    def physical_batch_size(self) -> int:
+        return self._p
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q * N``: the mechanism's denominator (never the realised batch size)."""
+        return self._q * self._n
+
+    def __repr__(self) -> str:
+        return (f"PoissonSampler(num_examples={self._n}, sampling_rate={self._q}, "
+                f"physical_batch_size={self._p}, seed={self._seed})")
+
+    def sample(self, step: int) -> np.ndarray:
+        """Sorted int64 indices of the examples drawn at ``step`` (may be empty)."""
+        t = _int_arg("step", step, 0)
+        rng = np.random.default_rng([self._seed, t])
+        return np.flatnonzero(rng.random(self._n) < self._q)
+
+    def num_passes(self, step: int) -> int:
+        """Passes needed for ``step``'s draw (at least one)."""
+        return max(1, -(-len(self.sample(step)) // self._p))
+
+    def batches(self, step: int) -> list[PhysicalBatch]:
+        """``step``'s draw split into padded passes; every drawn index appears exactly once."""
+        drawn = self.sample(step)
+        p = self._p
+        passes = max(1, -(-len(drawn) // p))
+        out = []
+        for i in range(passes):
+            chunk = drawn[i * p:(i + 1) * p]
+            indices = np.zeros((p,), np.int32)
+            mask = np.zeros((p,), np.float32)
+            indices[:len(chunk)] = chunk
+            mask[:len(chunk)] = 1.0
+            out.append(PhysicalBatch(indices=indices, mask=mask))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Configuration (python ints/floats). Resumption needs only this and the step index."""
+        return {
+            "num_examples": self._n,
+            "sampling_rate": self._q,
+            "physical_batch_size": self._p,
+            "seed": self._seed,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> PoissonSampler:
+        return cls(
+            num_examples=int(np.asarray(state["num_examples"])),
+            sampling_rate=float(np.asarray(state["sampling_rate"])),
+            physical_batch_size=int(np.asarray(state["physical_batch_size"])),
+            seed=int(np.asarray(state["seed"])),
+        )
