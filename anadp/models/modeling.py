@@ -1,0 +1,258 @@
+"""BERT and RoBERTa encoders with sequence-classification heads, in Flax linen.
+
+Written from the architecture as Hugging Face's PyTorch ``BertModel`` /
+``RobertaModel`` compute it (post-LayerNorm transformer, absolute position
+embeddings), driven by ``ModelConfig`` (the ``config.json`` fields).
+
+Parameter tree (names matter: per-layer grouping and plots rely on them)::
+
+    embeddings/{word_embeddings, position_embeddings, token_type_embeddings}/embedding
+    embeddings/norm/{scale, bias}
+    encoder/layer_<i>/attention/{query, key, value, output}/{kernel, bias[, lora_a, lora_b, lora_scale]}
+    encoder/layer_<i>/attention/norm/{scale, bias}
+    encoder/layer_<i>/{intermediate, output}/{kernel, bias[, lora_*]}
+    encoder/layer_<i>/norm/{scale, bias}
+    pooler/{kernel, bias}                                  (BERT)
+    classifier/{kernel, bias}                              (BERT: pooler -> dropout -> linear)
+    classifier/{dense, out_proj}/{kernel, bias}            (RoBERTa: first token -> dropout ->
+                                                            dense -> tanh -> dropout -> out_proj)
+
+Dense kernels are (in, out), i.e. the transpose of PyTorch's Linear weight.
+
+Nothing here inspects the batch size, so a per-example function that adds a
+batch axis of 1 inside can be ``jax.vmap``-ed over examples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .lora import LORA_SCALE, LoraConfig
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Hugging Face ``ACT2FN`` semantics for the names we support."""
+    if name == "gelu":  # exact (erf) GELU, as torch.nn.functional.gelu
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu_fast":
+        return lambda x: 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    if name == "relu":
+        return jax.nn.relu
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "tanh":
+        return jnp.tanh
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+# PEFT initialises A (r, in) with kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(in)).
+_lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Dense(nn.Module):
+    """``x @ kernel + bias``, plus a LoRA adapter when ``lora`` is set."""
+
+    features: int
+    init_std: float = 0.02
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", _normal(self.init_std), (in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        y = jnp.dot(x, kernel) + bias
+        if self.lora is not None:
+            r = self.lora.rank
+            a = self.param("lora_a", _lora_a_init, (in_features, r))
+            b = self.param("lora_b", nn.initializers.zeros_init(), (r, self.features))
+            scale = self.param(
+                LORA_SCALE, lambda _: jnp.asarray(self.lora.scale, jnp.float32)
+            )
+            h = x
+            if self.lora.dropout > 0.0:
+                h = nn.Dropout(self.lora.dropout, name="lora_dropout")(
+                    h, deterministic=deterministic
+                )
+            y = y + jnp.dot(jnp.dot(h, a), b) * scale
+        return y
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    # Two-pass variance, as PyTorch computes it (the fast E[x^2]-E[x]^2 form
+    # costs ~1e-5 of agreement with the reference).
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, name=name)
+
+
+class Embeddings(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
+        cfg = self.config
+        init = _normal(cfg.initializer_range)
+        if cfg.model_type == "roberta":
+            # fairseq positions: pad_token_id + 1, +2, ... over non-pad tokens;
+            # pad tokens get pad_token_id.
+            not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(not_pad, axis=-1) * not_pad + cfg.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(
+                jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape
+            )
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                         name="word_embeddings")(input_ids)
+        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                             embedding_init=init, name="position_embeddings")(position_ids)
+        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                         name="token_type_embeddings")(token_type_ids)
+        x = words + types + positions
+        x = _layer_norm(cfg, "norm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+def _lora_for(lora: LoraConfig | None, module_path: str) -> LoraConfig | None:
+    return lora if lora is not None and lora.matches(module_path) else None
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        cfg = self.config
+        std = cfg.initializer_range
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+
+        def proj(name):
+            dense = Dense(cfg.hidden_size, std, _lora_for(self.lora, f"attention.{name}"),
+                          name=name)
+            y = dense(x, deterministic)
+            return y.reshape(y.shape[:-1] + (heads, head_dim))
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(head_dim)
+        # mask: [..., T] with 1 for real tokens -> broadcast over heads and queries.
+        keep = (mask > 0)[..., None, None, :]
+        scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        ctx = ctx.reshape(ctx.shape[:-2] + (cfg.hidden_size,))
+        out = Dense(cfg.hidden_size, std, _lora_for(self.lora, "attention.output"),
+                    name="output")(ctx, deterministic)
+        out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+        return _layer_norm(cfg, "norm")(out + x)
+
+
+class TransformerLayer(nn.Module):
+    config: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        cfg = self.config
+        std = cfg.initializer_range
+        h = Attention(cfg, self.lora, name="attention")(x, mask, deterministic)
+        inter = Dense(cfg.intermediate_size, std, _lora_for(self.lora, "intermediate"),
+                      name="intermediate")(h, deterministic)
+        inter = activation(cfg.hidden_act)(inter)
+        out = Dense(cfg.hidden_size, std, _lora_for(self.lora, "output"),
+                    name="output")(inter, deterministic)
+        out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+        return _layer_norm(cfg, "norm")(out + h)
+
+
+class Encoder(nn.Module):
+    config: ModelConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        for i in range(self.config.num_hidden_layers):
+            x = TransformerLayer(self.config, self.lora, name=f"layer_{i}")(x, mask, deterministic)
+        return x
+
+
+class RobertaHead(nn.Module):
+    config: ModelConfig
+    num_labels: int
+
+    @nn.compact
+    def __call__(self, hidden, deterministic: bool = True):
+        cfg = self.config
+        drop = nn.Dropout(cfg.head_dropout)
+        x = drop(hidden[..., 0, :], deterministic=deterministic)
+        x = jnp.tanh(Dense(cfg.hidden_size, cfg.initializer_range, name="dense")(x))
+        x = drop(x, deterministic=deterministic)
+        return Dense(self.num_labels, cfg.initializer_range, name="out_proj")(x)
+
+
+class EncoderClassifier(nn.Module):
+    """A BERT/RoBERTa encoder with HF's sequence-classification head.
+
+    ``apply({"params": p}, input_ids, attention_mask, token_type_ids=None,
+    deterministic=True)`` gives logits ``[..., num_labels]``;
+    ``method=model.encode`` gives the last hidden states ``[..., T, hidden]``.
+    Dropout (when ``deterministic=False``) draws from the ``"dropout"`` RNG
+    stream: ``apply(..., rngs={"dropout": key})``.
+
+    ``load_report`` is set by ``from_pretrained`` (missing/unexpected keys).
+    """
+
+    config: ModelConfig
+    num_labels: int
+    lora: LoraConfig | None = None
+    load_report: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+    def setup(self):
+        cfg = self.config
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg, self.lora)
+        if cfg.model_type == "bert":
+            self.pooler = Dense(cfg.hidden_size, cfg.initializer_range)
+            self.head_dropout = nn.Dropout(cfg.head_dropout)
+            self.classifier = Dense(self.num_labels, cfg.initializer_range)
+        else:
+            self.classifier = RobertaHead(cfg, self.num_labels)
+
+    def encode(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        input_ids = jnp.asarray(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, deterministic)
+        return self.encoder(x, jnp.asarray(attention_mask), deterministic)
+
+    def pool(self, hidden):
+        """BERT's pooler output ``tanh(W h[CLS] + b)`` from last hidden states."""
+        if self.config.model_type != "bert":
+            raise ValueError("pool() is defined for BERT models only (RoBERTa has no pooler)")
+        return jnp.tanh(self.pooler(hidden[..., 0, :]))
+
+    def head(self, hidden, deterministic: bool = True):
+        """Logits from last hidden states ``[..., T, hidden]`` (the task head alone)."""
+        if self.config.model_type == "bert":
+            pooled = self.pool(hidden)
+            pooled = self.head_dropout(pooled, deterministic=deterministic)
+            return self.classifier(pooled)
+        return self.classifier(hidden, deterministic)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+        h = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
+        return self.head(h, deterministic)
