@@ -70,8 +70,10 @@ class ElementwiseState(NamedTuple):
 
 def _elementwise_init(params, groups):
     del groups
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-    return ElementwiseState(zeros, zeros)
+    def zeros():
+        return jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+
+    return ElementwiseState(zeros(), zeros())
 
 
 def _elementwise_update(state, release, params, groups, *, beta1, beta2):
@@ -104,8 +106,7 @@ class GroupEmaState(NamedTuple):
 
 def _group_ema_init(params, groups):
     del params
-    zeros = jnp.zeros(groups.num_groups, jnp.float32)
-    return GroupEmaState(zeros, zeros)
+    return GroupEmaState(jnp.zeros(groups.num_groups, jnp.float32), jnp.zeros(groups.num_groups, jnp.float32))
 
 
 def _group_ema_update(state, value, *, beta1, beta2):

@@ -111,7 +111,9 @@ def test_microbatch_must_divide_batch():
     params = {"w": jnp.ones(2)}
     batch = {"g": {"w": jnp.ones((6, 2))}}
     with pytest.raises(ValueError, match="not a multiple of microbatch_size=4"):
-        anadp.clipped_grad_sum(quadratic_loss, params, batch, None, l2_norm_clip=C, clipping="global", microbatch_size=4)
+        anadp.clipped_grad_sum(
+            quadratic_loss, params, batch, None, l2_norm_clip=C, clipping="global", microbatch_size=4
+        )
 
 
 @pytest.mark.parametrize("mode", ["elliptical", "global"])

@@ -1,0 +1,623 @@
+"""The training loop: one run of (non-private | DP-SGD | ANADP) fine-tuning.
+
+`run(config, workdir)` trains, evaluates, accounts and checkpoints, and leaves
+in `workdir`:
+
+    config.json       the resolved config (a rerun with another config is refused)
+    metrics.jsonl     one JSON object per logged step
+    summary.json      final metrics, epsilon, delta, steps, wall time, versions
+    checkpoints/      orbax checkpoints: everything a resume needs
+    *.png             training curves; for ANADP the noise-scale heatmaps
+
+What is written is public in the sense of METHOD.md: parameters, released
+gradients' consequences, the allocation, epsilon, and metrics on the dev split.
+The training loss of private batches is written only behind
+`config.debug.log_private_diagnostics`, under keys starting with "nonprivate/".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from anadp import accounting, importance, models, sampling, sharding
+from anadp import data as data_lib
+from anadp.clipping import ClippedSum, clipped_grad_sum
+from anadp.noise import Mechanism, group_values
+
+METHODS = ("non_private", "dp_sgd", "anadp")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+# --- configuration checks (before any work) ----------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses a bad configuration with a message naming the field."""
+    p, t, d = config.privacy, config.train, config.data
+
+    def bad(field, value, allowed):
+        raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+
+    if d.task not in data_lib.known_tasks():
+        bad("data.task", d.task, f"known tasks are {sorted(data_lib.known_tasks())}")
+    if p.method not in METHODS:
+        bad("privacy.method", p.method, f"must be one of {METHODS}")
+    if config.model.finetune not in models.FINETUNE_MODES:
+        bad("model.finetune", config.model.finetune, f"must be one of {models.FINETUNE_MODES}")
+    if p.method != "non_private":
+        if p.noise_multiplier < 0:
+            bad("privacy.noise_multiplier", p.noise_multiplier, "must be >= 0 (0: calibrate to epsilon)")
+        if p.noise_multiplier == 0 and not p.epsilon > 0:
+            bad("privacy.epsilon", p.epsilon, "must be > 0 (or set privacy.noise_multiplier > 0)")
+        if not 0 <= p.delta < 1:
+            bad("privacy.delta", p.delta, "must be in (0, 1/N), or 0 for the default")
+        if not p.l2_norm_clip > 0:
+            bad("privacy.l2_norm_clip", p.l2_norm_clip, "must be > 0")
+        if p.accountant not in ("pld", "rdp"):
+            bad("privacy.accountant", p.accountant, "must be 'pld' or 'rdp'")
+        if p.method == "anadp":
+            # Mechanism validates the ANADP fields; re-raise naming the config group.
+            try:
+                _mechanism(config, noise_multiplier=1.0, expected_batch_size=1.0)
+            except ValueError as e:
+                raise ValueError(f"config.privacy: {e}") from None
+    if t.expected_batch_size <= 0:
+        bad("train.expected_batch_size", t.expected_batch_size, "must be > 0")
+    if t.physical_batch_size < 1:
+        bad("train.physical_batch_size", t.physical_batch_size, "must be >= 1")
+    if t.microbatch_size < 1 or t.physical_batch_size % t.microbatch_size:
+        bad(
+            "train.microbatch_size",
+            t.microbatch_size,
+            f"must divide train.physical_batch_size={t.physical_batch_size}",
+        )
+    if t.steps < 0 or (t.steps == 0 and not t.epochs > 0):
+        bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
+    if t.optimizer not in OPTIMIZERS:
+        bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
+    if t.schedule not in SCHEDULES:
+        bad("train.schedule", t.schedule, f"must be one of {SCHEDULES}")
+    if not t.learning_rate > 0:
+        bad("train.learning_rate", t.learning_rate, "must be > 0")
+    for field in ("eval_every", "checkpoint_every", "eval_batch_size"):
+        if t[field] < 1:
+            bad(f"train.{field}", t[field], "must be >= 1")
+    if d.max_length < 2:
+        bad("data.max_length", d.max_length, "must be >= 2")
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Creates the workdir, checks it is writable, and refuses a foreign one."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"workdir={workdir!r} is not writable: {e}") from None
+    path = os.path.join(workdir, "config.json")
+    resolved = json.loads(config.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != resolved:
+            diffs = _config_differences(previous, resolved)
+            raise ValueError(
+                f"workdir={workdir!r} holds a run with a different config ({'; '.join(diffs[:5])}); "
+                "use a new workdir, or the same config to resume"
+            )
+    elif sharding.is_main_process():
+        _write_json(path, resolved)
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return diffs
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# --- building blocks -----------------------------------------------------------
+
+
+def _mechanism(config, *, noise_multiplier: float, expected_batch_size: float) -> Mechanism:
+    p = config.privacy
+    adaptive = p.method == "anadp"
+    return Mechanism(
+        l2_norm_clip=p.l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size,
+        seed=config.train.seed,
+        adaptive=adaptive,
+        clipping=p.clipping if adaptive else "global",
+        gamma=p.gamma,
+        rho=p.rho,
+        warmup_steps=p.warmup_steps,
+        grouping=p.grouping,
+        importance=p.importance,
+        beta1=p.beta1,
+        beta2=p.beta2,
+        profile_noise_ratio=p.profile_noise_ratio,
+    )
+
+
+def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformation:
+    lr = train_config.learning_rate
+    warmup = train_config.lr_warmup_steps
+    decay_steps = max(total_steps - warmup, 1)
+    if train_config.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    elif train_config.schedule == "linear":
+        after = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(lr, decay_steps)
+    schedule = (
+        optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+        if warmup > 0
+        else after
+    )
+    if train_config.optimizer == "adam":
+        return optax.adam(schedule)
+    if train_config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+    return optax.sgd(schedule)
+
+
+def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...], max_length: int) -> int:
+    """The smallest bucket that holds the longest sequence (max_length if none does)."""
+    longest = int(np.max(lengths)) if len(lengths) else 1
+    for b in buckets:
+        if longest <= b <= max_length:
+            return b
+    return max_length
+
+
+def parse_buckets(spec: str) -> tuple[int, ...]:
+    return tuple(sorted(int(x) for x in spec.split(",") if x.strip()))
+
+
+def take_batch(arrays: dict, indices: np.ndarray, length: int) -> dict:
+    """Rows `indices` of the tokenised arrays, cut to `length` tokens (right padding)."""
+    return {
+        "input_ids": arrays["input_ids"][indices, :length],
+        "attention_mask": arrays["attention_mask"][indices, :length],
+        "token_type_ids": arrays["token_type_ids"][indices, :length],
+        "labels": arrays["labels"][indices].astype(np.int32),
+    }
+
+
+class TrainState(NamedTuple):
+    trainable: Any
+    opt_state: Any
+    mechanism: Any  # MechanismState, or () for non-private training
+
+
+def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
+    """Cross-entropy of one example (no batch axis), a function of the trainable params."""
+
+    def loss_fn(trainable, example):
+        params = models.combine(trainable, frozen)
+        rngs = {"dropout": example["dropout_key"]} if dropout else None
+        logits = model.apply(
+            {"params": params},
+            example["input_ids"][None],
+            example["attention_mask"][None],
+            example["token_type_ids"][None],
+            deterministic=not dropout,
+            rngs=rngs,
+        )[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["labels"])
+
+    return loss_fn
+
+
+@dataclasses.dataclass
+class StepFunctions:
+    """The jitted pieces of a step. One compilation per batch shape (bucket)."""
+
+    accumulate: Callable  # (trainable, scales, batch, mask) -> ClippedSum / grad sum
+    apply: Callable  # (state, summed, realised_count) -> state
+    predict: Callable  # (trainable, batch) -> logits
+
+
+def make_step_functions(model, frozen, mechanism: Mechanism | None, optimizer, config) -> StepFunctions:
+    loss_fn = make_example_loss(model, frozen, config.model.dropout)
+    microbatch = config.train.microbatch_size
+
+    if mechanism is None:
+
+        def accumulate(trainable, scales, batch, mask):
+            del scales
+
+            def total_loss(p):
+                losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
+                return jnp.sum(losses * mask)
+
+            return ClippedSum(jax.grad(total_loss)(trainable))
+
+        def apply(state, summed, realised_count):
+            mean = jax.tree_util.tree_map(lambda g: g / jnp.maximum(realised_count, 1.0), summed.grads)
+            updates, opt_state = optimizer.update(mean, state.opt_state, state.trainable)
+            return TrainState(optax.apply_updates(state.trainable, updates), opt_state, ())
+
+    else:
+
+        def accumulate(trainable, scales, batch, mask):
+            return clipped_grad_sum(
+                loss_fn,
+                trainable,
+                batch,
+                scales,
+                l2_norm_clip=mechanism.l2_norm_clip,
+                clipping=mechanism.clipping,
+                mask=mask,
+                microbatch_size=microbatch,
+                groups=mechanism.profile_groups(trainable),
+            )
+
+        def apply(state, summed, realised_count):
+            del realised_count  # DP: the denominator is the expected batch size, never this
+            released, mech_state = mechanism.release(summed, state.mechanism, state.trainable)
+            updates, opt_state = optimizer.update(released, state.opt_state, state.trainable)
+            return TrainState(optax.apply_updates(state.trainable, updates), opt_state, mech_state)
+
+    def predict(trainable, batch):
+        params = models.combine(trainable, frozen)
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=True,
+        )
+
+    return StepFunctions(
+        accumulate=jax.jit(accumulate),
+        apply=jax.jit(apply, donate_argnums=(0,)),
+        predict=jax.jit(predict),
+    )
+
+
+def evaluate(fns: StepFunctions, trainable, split: dict, spec, batch_size: int, buckets, max_length) -> dict:
+    """The task's metrics and the mean loss on one evaluation split."""
+    n = len(split["labels"])
+    logits_all = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        padded = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        length = bucket_length(split["lengths"][idx], buckets, max_length)
+        batch = sharding.shard_batch(take_batch(split, padded, length))
+        logits_all.append(np.asarray(fns.predict(trainable, batch))[: len(idx)])
+    logits = np.concatenate(logits_all).astype(np.float64)
+    labels = split["labels"].astype(np.int64)
+    log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    metrics = dict(spec.compute_metrics(np.argmax(logits, axis=1), labels))
+    metrics["loss"] = float(-np.mean(log_probs[np.arange(n), labels]))
+    return metrics
+
+
+# --- checkpoints, metrics -------------------------------------------------------
+
+
+class RunLog:
+    """metrics.jsonl, rewritten on resume so that it never holds steps past the checkpoint."""
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        self.records: list[dict] = []
+        if os.path.exists(path):
+            with open(path) as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+            self.records = [r for r in self.records if r["step"] <= resume_step]
+        if sharding.is_main_process():
+            with open(path, "w") as f:
+                for r in self.records:
+                    f.write(json.dumps(r) + "\n")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if sharding.is_main_process():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _checkpoint_manager(workdir: str):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, step: int, state: TrainState, ledger: accounting.PrivacyLedger) -> None:
+    import orbax.checkpoint as ocp
+
+    ledger_state = {
+        k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ledger.state_dict().items()
+    }
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state._asdict()),
+            ledger=ocp.args.JsonSave(ledger_state),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, template: TrainState):
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore()
+        ),
+    )
+    state = TrainState(**restored["state"])
+    ledger_state = dict(restored["ledger"])
+    if ledger_state.get("reference_noise_multiplier") is None:
+        ledger_state["reference_noise_multiplier"] = float("nan")
+    return step, state, accounting.PrivacyLedger.from_state_dict(ledger_state)
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict:
+    """A run's checkpoint as saved ({"state": ..., "ledger": ...}), latest by default."""
+    import orbax.checkpoint as ocp
+
+    manager = _checkpoint_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"workdir={workdir!r} has no checkpoint")
+    return manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), ledger=ocp.args.JsonRestore())
+    )
+
+
+def _versions() -> dict:
+    import flax
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "platform": jax.default_backend(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "machine": platform.machine(),
+    }
+
+
+def _scales_record(mechanism: Mechanism, state: TrainState, trainable_template) -> dict:
+    """Per-group noise scales and importance diagnostics (all public) for the log."""
+    groups = mechanism.groups(trainable_template)
+    scales = np.asarray(group_values(state.mechanism.scales, groups))
+    scores = np.asarray(mechanism.estimator.group_scores(state.mechanism.importance, groups))
+    return {
+        "noise_scales": dict(zip(groups.names, scales.round(6).tolist())),
+        "importance_weight_corr": importance.importance_weight_correlation(scores, state.trainable, groups),
+        "importance": dict(zip(groups.names, scores.tolist())),
+    }
+
+
+# --- the run -----------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains one configuration end to end (resuming from `workdir` if it holds a checkpoint)."""
+    start_time = time.time()
+    validate_config(config)
+    prepare_workdir(workdir, config)
+    p, t = config.privacy, config.train
+    private = p.method != "non_private"
+
+    tokenizer = models.tokenizer(config.model.name)
+    task = data_lib.load_task(config.data.task, tokenizer, config.data.max_length, data_dir=config.data.dir or None)
+    num_train = len(task.train["labels"])
+    delta = 0.0
+    if private:
+        delta = p.delta or accounting.default_delta(num_train)
+        accounting.check_delta(delta, num_train)
+
+    lora = None
+    if config.model.finetune == "lora":
+        lora = models.LoraConfig(
+            rank=config.model.lora_rank,
+            alpha=config.model.lora_alpha,
+            dropout=config.model.lora_dropout,
+            targets=tuple(x.strip() for x in config.model.lora_targets.split(",") if x.strip()),
+        )
+    model, params = models.from_pretrained(config.model.name, task.spec.num_labels, lora=lora, seed=t.seed)
+    models.check_max_length(config.data.max_length, model.config)
+    trainable, frozen = models.partition(params, config.model.finetune)
+
+    sampling_rate = sampling.sampling_rate_for(t.expected_batch_size, num_train)
+    total_steps = t.steps if t.steps > 0 else sampling.steps_for_epochs(t.epochs, sampling_rate)
+    sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, t.seed)
+    expected_batch_size = sampler.expected_batch_size
+
+    mechanism = None
+    noise_multiplier = None
+    ledger = accounting.PrivacyLedger(p.accountant)
+    if private:
+        profile_ratio = p.profile_noise_ratio if (p.method == "anadp" and p.importance == "private_profile") else None
+        if p.noise_multiplier > 0:
+            noise_multiplier = p.noise_multiplier
+        else:
+            noise_multiplier = accounting.calibrate_noise_multiplier(
+                p.epsilon, delta, sampling_rate, total_steps, accountant=p.accountant,
+                profile_noise_ratio=profile_ratio,
+            )
+        mechanism = _mechanism(config, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
+        ledger = accounting.PrivacyLedger(
+            p.accountant,
+            reference_noise_multiplier=accounting.effective_noise_multiplier(
+                noise_multiplier, [1.0], mechanism.clipping, mechanism.profile_noise_multiplier
+            ),
+        )
+
+    optimizer = make_optimizer(t, total_steps)
+    state = TrainState(
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        mechanism=mechanism.init(trainable) if mechanism else (),
+    )
+    manager = _checkpoint_manager(workdir)
+    start_step = 0
+    restored = restore_checkpoint(manager, state)
+    if restored is not None:
+        start_step, state, ledger = restored
+        print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
+    state = sharding.replicate(state)
+    fns = make_step_functions(model, frozen, mechanism, optimizer, config)
+    log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+    buckets = parse_buckets(config.data.bucket_lengths)
+    main_metric = task.spec.main_metric
+    dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
+
+    def eval_all(trainable_now):
+        return {
+            name: evaluate(fns, trainable_now, split, task.spec, t.eval_batch_size, buckets, config.data.max_length)
+            for name, split in task.eval_splits.items()
+        }
+
+    last_eval: dict = {}
+    epsilon_now = ledger.epsilon(delta) if private else 0.0
+    progress = _progress(total_steps, start_step)
+    for step in range(start_step, total_steps):
+        summed = None
+        realised = 0
+        for pass_index, physical in enumerate(sampler.batches(step)):
+            real_rows = physical.indices[physical.mask.astype(bool)]
+            length = bucket_length(task.train["lengths"][real_rows], buckets, config.data.max_length)
+            batch = take_batch(task.train, physical.indices, length)
+            if config.model.dropout:
+                key = jax.random.fold_in(jax.random.fold_in(dropout_base, step), pass_index)
+                batch["dropout_key"] = jax.random.split(key, len(physical.indices))
+            mask = np.asarray(physical.mask, np.float32)
+            realised += int(mask.sum())
+            batch, mask = sharding.shard_batch(batch), sharding.shard_batch(mask)
+            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
+            part = fns.accumulate(state.trainable, scales, batch, mask)
+            summed = part if summed is None else summed + part
+        if mechanism is not None and mechanism.clipping == "global":
+            z = accounting.effective_noise_multiplier(
+                noise_multiplier, np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales)),
+                "global", mechanism.profile_noise_multiplier,
+            )
+        elif mechanism is not None:
+            z = ledger.reference_noise_multiplier
+        state = fns.apply(state, summed, jnp.float32(realised))
+        if private:
+            ledger.record(sampling_rate, z)
+        done = step + 1
+        record: dict = {"step": done}
+        if not private or config.debug.log_private_diagnostics:
+            key = "train_batch_size" if not private else "nonprivate/realised_batch_size"
+            record[key] = realised
+        if done % t.eval_every == 0 or done == total_steps:
+            last_eval = eval_all(state.trainable)
+            record["eval"] = last_eval
+            if private:
+                epsilon_now = ledger.epsilon(delta)
+                record["epsilon"] = epsilon_now
+            if mechanism is not None and mechanism.adaptive:
+                record.update(_scales_record(mechanism, state, trainable))
+            record["elapsed_s"] = round(time.time() - start_time, 2)
+            log.write(record)
+        progress.update(done, last_eval, epsilon_now, main_metric)
+        if done % t.checkpoint_every == 0 or done == total_steps:
+            save_checkpoint(manager, done, jax.device_get(state), ledger)
+    progress.close()
+
+    if not last_eval:  # resumed after the final step: evaluate the restored parameters
+        last_eval = eval_all(state.trainable)
+    primary_split = next(iter(last_eval))
+    summary = {
+        "task": config.data.task,
+        "method": p.method,
+        "finetune": config.model.finetune,
+        "model": config.model.name,
+        "epsilon": ledger.epsilon(delta) if private else float("inf"),
+        "target_epsilon": p.epsilon if private and p.noise_multiplier == 0 else None,
+        "delta": delta if private else None,
+        "noise_multiplier": noise_multiplier,
+        "clipping": mechanism.clipping if mechanism else None,
+        "steps": total_steps,
+        "sampling_rate": sampling_rate,
+        "expected_batch_size": expected_batch_size,
+        "num_train": num_train,
+        "num_trainable_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))),
+        "eval": last_eval[primary_split],
+        "eval_splits": last_eval,
+        "main_metric": main_metric,
+        "seed": t.seed,
+        "wall_time_s": round(time.time() - start_time, 2),
+        "versions": _versions(),
+        "config": json.loads(config.to_json()),
+    }
+    if mechanism is not None and mechanism.clipping == "global" and mechanism.adaptive:
+        # What DP-SGD would claim for the same sigma: NOT this run's guarantee.
+        summary["dp_sgd_epsilon_same_sigma"] = accounting.compute_epsilon(
+            noise_multiplier, sampling_rate, total_steps, delta, accountant=p.accountant
+        )
+    if sharding.is_main_process():
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+        from anadp import plots
+
+        plots.plot_run(workdir, log.records, summary)
+    return summary
+
+
+class _progress:
+    """A tqdm bar showing step, dev loss, epsilon so far and the last dev metric."""
+
+    def __init__(self, total: int, initial: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr,
+                        disable=not sharding.is_main_process())
+
+    def update(self, step: int, last_eval: dict, epsilon: float, main_metric: str) -> None:
+        postfix = {"eps": f"{epsilon:.3g}"}
+        if last_eval:
+            first = next(iter(last_eval.values()))
+            postfix["dev_loss"] = f"{first['loss']:.4f}"
+            postfix[f"dev_{main_metric}"] = f"{first[main_metric]:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

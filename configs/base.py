@@ -1,0 +1,67 @@
+"""The shared base configuration; every other config starts from `get_config()`.
+
+Groups: `model`, `data`, `privacy`, `train`, `debug`. Every field can be
+overridden on the command line, e.g. `--config.privacy.epsilon=8`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "minilm-l6"  # short name, local HF directory, or hub name
+    config.model.finetune = "lora"  # full | lora | bias
+    config.model.lora_rank = 8
+    config.model.lora_alpha = 16.0
+    config.model.lora_dropout = 0.0
+    config.model.lora_targets = "query,value"  # comma-separated module names
+    config.model.dropout = False  # dropout during training (HF config rates)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.task = "rotten_tomatoes"
+    config.data.dir = ""  # GLUE directory; empty: $ANADP_GLUE_DIR, then ../shared/data/glue
+    config.data.max_length = 64
+    # Batches are cut to the longest real sequence, rounded up to one of these
+    # lengths (one compilation each); empty: always max_length.
+    config.data.bucket_lengths = "16,32,48,64,96,128,192,256,384,512"
+
+    config.privacy = ml_collections.ConfigDict()
+    config.privacy.method = "anadp"  # non_private | dp_sgd | anadp
+    config.privacy.epsilon = 3.0  # target epsilon; sigma is calibrated to it
+    config.privacy.noise_multiplier = 0.0  # > 0: use this sigma, report its epsilon
+    config.privacy.delta = 0.0  # 0: a default below 1/N
+    config.privacy.l2_norm_clip = 1.0
+    config.privacy.clipping = "elliptical"  # elliptical | global (literal paper variant)
+    config.privacy.accountant = "pld"  # pld | rdp
+    config.privacy.importance = "elementwise"  # elementwise | group_taylor | signal | private_profile
+    config.privacy.gamma = 0.5
+    config.privacy.rho = 2.0
+    config.privacy.beta1 = 0.85
+    config.privacy.beta2 = 0.85
+    config.privacy.warmup_steps = 0
+    config.privacy.grouping = "array"  # array | layer
+    config.privacy.profile_noise_ratio = 5.0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.expected_batch_size = 256  # qN
+    config.train.physical_batch_size = 64  # rows per compiled pass (padded)
+    config.train.microbatch_size = 32  # rows per vmap inside a pass
+    config.train.epochs = 3.0
+    config.train.steps = 0  # > 0 overrides epochs
+    config.train.optimizer = "adam"  # adam | adamw | sgd
+    config.train.learning_rate = 2e-3
+    config.train.schedule = "constant"  # constant | linear | cosine
+    config.train.lr_warmup_steps = 0
+    config.train.weight_decay = 0.0
+    config.train.eval_every = 30
+    config.train.checkpoint_every = 30
+    config.train.eval_batch_size = 128
+    config.train.seed = 0
+
+    config.debug = ml_collections.ConfigDict()
+    # Training loss of private batches is not private: only logged (and marked
+    # "nonprivate/") when this is on, or for method=non_private.
+    config.debug.log_private_diagnostics = False
+    return config
