@@ -147,9 +147,17 @@ class PoissonSampler:
         """Passes needed for ``step``'s draw (at least one)."""
         return max(1, -(-len(self.sample(step)) // self._p))
 
-    def batches(self, step: int) -> list[PhysicalBatch]:
-        """``step``'s draw split into padded passes; every drawn index appears exactly once."""
+    def batches(self, step: int, sort_by: np.ndarray | None = None) -> list[PhysicalBatch]:
+        """``step``'s draw split into padded passes; every drawn index appears exactly once.
+
+        ``sort_by`` (one public key per example, e.g. its token count) orders the
+        draw before it is split, so that passes hold examples of similar length
+        and can be cut to short buckets. The passes of a step are summed before
+        noise is added, so the order changes nothing but the cost.
+        """
         drawn = self.sample(step)
+        if sort_by is not None:
+            drawn = drawn[np.argsort(np.asarray(sort_by)[drawn], kind="stable")]
         p = self._p
         passes = max(1, -(-len(drawn) // p))
         out = []

@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.expected_batch_size = 256  # qN
-    config.train.physical_batch_size = 64  # rows per compiled pass (padded)
+    config.train.physical_batch_size = 32  # rows per compiled pass (padded)
     config.train.microbatch_size = 32  # rows per vmap inside a pass
     config.train.epochs = 3.0
     config.train.steps = 0  # > 0 overrides epochs

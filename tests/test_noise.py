@@ -223,3 +223,30 @@ def test_logistic_regression_learns_under_jit_at_epsilon_3():
         params, state = step(params, state, x[idx], y[idx], jnp.asarray(mask))
     acc = float(np.mean(((x @ np.asarray(params["w"]) + float(params["b"])) > 0) == y))
     assert acc > 0.85
+
+
+def test_joint_release_of_gradient_and_profile_has_sensitivity_one_over_z_eff():
+    """private_profile releases (G, U) from the same sample: one Gaussian mechanism with z_eff."""
+    params = params_tree()
+    ratio, beta1 = 2.0, 0.5
+    mech = Mechanism(C, SIGMA, QN, seed=4, adaptive=True, clipping="elliptical", gamma=1.0, rho=4.0,
+                     importance="private_profile", profile_noise_ratio=ratio, beta1=beta1)
+    # A skewed allocation already in place, so that the whitening matters.
+    state = mech.init(params)._replace(scales=skewed_scales())
+    grads = random_per_example(jax.random.PRNGKey(8), params, batch=6)
+    grads = jax.tree_util.tree_map(lambda g: g.at[5].multiply(50.0), grads)  # the added example is large
+    with_adv, state_a = mech.update(grads, state, params, mask=jnp.ones(6))
+    without, state_b = mech.update(grads, state, params, mask=jnp.array([1, 1, 1, 1, 1, 0]))
+    grad_part = 0.0
+    for x, y, s in zip(jax.tree_util.tree_leaves(with_adv), jax.tree_util.tree_leaves(without),
+                       jax.tree_util.tree_leaves(state.scales)):
+        grad_part += float(jnp.sum(((x - y) / (SIGMA * C * float(s) / QN)) ** 2))
+    # The released profile is U / qN; the EMA after one step holds (1 - beta1) of it.
+    profile_diff = (state_a.importance.profile - state_b.importance.profile) / (1 - beta1)
+    profile_part = float(jnp.sum((profile_diff / (ratio * SIGMA / QN)) ** 2))
+    z_eff = accounting.effective_noise_multiplier(SIGMA, [1.0], "elliptical", profile_noise_multiplier=ratio * SIGMA)
+    assert z_eff == pytest.approx((SIGMA**-2 + (ratio * SIGMA) ** -2) ** -0.5)
+    assert np.sqrt(grad_part + profile_part) <= (1.0 / z_eff) * (1 + 1e-4)
+    # both parts are used: the bound is nearly attained by a large example
+    assert np.sqrt(grad_part) == pytest.approx(1.0 / SIGMA, rel=1e-3)
+    assert profile_part > 0.5 * (1.0 / (ratio * SIGMA)) ** 2

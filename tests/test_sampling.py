@@ -149,3 +149,15 @@ def test_step_and_helper_validation():
         steps_for_epochs(0, 0.1)
     with pytest.raises(ValueError, match=r"sampling_rate=2 is outside \(0, 1\]"):
         steps_for_epochs(1, 2)
+
+
+def test_sorting_by_length_keeps_every_index_once_and_groups_lengths():
+    from anadp.sampling import PoissonSampler
+
+    lengths = np.random.default_rng(3).integers(1, 100, size=500)
+    sampler = PoissonSampler(500, 0.3, 16, seed=1)
+    batches = sampler.batches(7, sort_by=lengths)
+    real = np.concatenate([b.indices[b.mask.astype(bool)] for b in batches])
+    assert sorted(real.tolist()) == sampler.sample(7).tolist()
+    maxima = [lengths[b.indices[b.mask.astype(bool)]].max() for b in batches]
+    assert maxima == sorted(maxima)

@@ -1,0 +1,256 @@
+"""Step time and memory of non-private, DP-SGD and ANADP steps, side by side in one process.
+
+    python experiments/benchmark.py --model=minilm-l6 --batch_size=32 --seq_len=128 \
+        --finetune=full --microbatch_size=32 --out=bench.json
+
+Each method runs the training loop's own jitted functions (`train.make_step_functions`):
+one pass over a physical batch (`accumulate`: per-example gradients, clipping and
+summing microbatch by microbatch; for non-private training the plain batch
+gradient) followed by `apply` (noise, importance, allocation and the optimiser).
+Step time is the median over `--repeats` steps after a warm-up step; compile time is
+measured separately. Peak memory is XLA's own account of the compiled step
+(arguments + outputs + temporaries, largest of the two functions), which is
+comparable across methods in one process and between CPU and GPU.
+
+`--logical_batch_size` > batch_size runs the step as the training loop does
+for a large expected batch: several passes of `batch_size` rows accumulated
+before one noisy update. `--sst2_throughput` also reports SST-2 examples per
+second with and without length buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from anadp import models, train  # noqa: E402
+from anadp.noise import Mechanism  # noqa: E402
+from configs import base  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "minilm-l6", "minilm-l6, roberta-base-random, tiny-bert, or a local HF folder")
+flags.DEFINE_integer("batch_size", 32, "physical batch (rows per compiled pass)")
+flags.DEFINE_integer("seq_len", 128, "sequence length")
+flags.DEFINE_enum("finetune", "full", ["full", "lora", "bias"], "which parameters train")
+flags.DEFINE_integer("microbatch_size", 32, "rows per vmap inside a pass")
+flags.DEFINE_integer("logical_batch_size", 0, "> batch_size: accumulate this many rows per update")
+flags.DEFINE_list("methods", ["non_private", "dp_sgd", "anadp"], "methods to time")
+flags.DEFINE_integer("repeats", 5, "timed steps per method (median reported)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype")
+flags.DEFINE_bool("sst2_throughput", False, "also measure SST-2 examples/s with and without length buckets")
+flags.DEFINE_string("out", "bench.json", "JSON output; a Markdown table is written beside it (.md)")
+
+
+def build_model(name: str, finetune: str):
+    lora = models.LoraConfig() if finetune == "lora" else None
+    if name == "roberta-base-random":
+        return models.from_config(models.roberta_base_config(), 2, lora=lora, seed=0)
+    return models.from_pretrained(name, 2, lora=lora, seed=0)
+
+
+def make_config(method: str, batch_size: int, microbatch_size: int):
+    config = base.get_config()
+    config.privacy.method = method
+    config.train.physical_batch_size = batch_size
+    config.train.microbatch_size = min(microbatch_size, batch_size)
+    return config
+
+
+def random_batch(rng, rows: int, seq_len: int, vocab: int) -> dict:
+    return {
+        "input_ids": rng.integers(1000, vocab, size=(rows, seq_len), dtype=np.int32),
+        "attention_mask": np.ones((rows, seq_len), np.int32),
+        "token_type_ids": np.zeros((rows, seq_len), np.int32),
+        "labels": rng.integers(0, 2, size=(rows,), dtype=np.int32),
+    }
+
+
+def compiled_bytes(jitted, *args) -> int:
+    """XLA's peak estimate for one compiled call: arguments + outputs + temporaries."""
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return -1
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def block(tree):
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def time_method(method, model, params, batches, args) -> dict:
+    """Compile time, median step time and peak memory of one method's step."""
+    config = make_config(method, args["batch_size"], args["microbatch_size"])
+    trainable, frozen = models.partition(params, args["finetune"])
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # `apply` donates its state
+    optimizer = train.make_optimizer(config.train, total_steps=1000)
+    mechanism = None
+    if method != "non_private":
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=float(args["logical"]))
+    fns = train.make_step_functions(model, mechanism, optimizer, config)
+    state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable) if mechanism else ())
+    mask = jnp.ones(args["batch_size"], jnp.float32)
+
+    def one_step(state, step_batches):
+        summed = None
+        for batch in step_batches:
+            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
+            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
+            summed = part if summed is None else summed + part
+        return block(fns.apply(state, summed, jnp.float32(args["logical"])))
+
+    scales = mechanism.clip_scales(state.mechanism) if mechanism else None
+    t0 = time.perf_counter()
+    memory = compiled_bytes(fns.accumulate, state.trainable, frozen, scales, batches[0], mask)
+    summed = block(fns.accumulate(state.trainable, frozen, scales, batches[0], mask))
+    memory = max(memory, compiled_bytes(fns.apply, state, summed, jnp.float32(1.0)))
+    compile_time = time.perf_counter() - t0
+    state = one_step(state, batches)  # warm-up (also compiles apply)
+    times = []
+    for _ in range(args["repeats"]):
+        t0 = time.perf_counter()
+        state = one_step(state, batches)
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    return {
+        "step_time_s": step_time,
+        "step_time_spread_s": [min(times), max(times)],
+        "compile_time_s": compile_time,
+        "peak_memory_bytes": memory,
+        "examples_per_s": args["logical"] / step_time,
+        "time_per_example_s": step_time / args["logical"],
+    }
+
+
+def sst2_throughput(model, params, args) -> dict:
+    """DP-SGD examples/s on real SST-2 batches, bucketed by length vs padded to seq_len."""
+    from anadp import data as data_lib
+
+    task = data_lib.load_task("sst2", models.tokenizer(FLAGS.model), args["seq_len"])
+    rng = np.random.default_rng(0)
+    buckets = train.parse_buckets(base.get_config().data.bucket_lengths)
+    out = {}
+    for label, use_buckets in (("bucketed", True), ("fixed_length", False)):
+        config = make_config("dp_sgd", args["batch_size"], args["microbatch_size"])
+        trainable, frozen = models.partition(params, args["finetune"])
+        trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+        optimizer = train.make_optimizer(config.train, total_steps=1000)
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=float(args["batch_size"]))
+        fns = train.make_step_functions(model, mechanism, optimizer, config)
+        state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable))
+        mask = jnp.ones(args["batch_size"], jnp.float32)
+        # warm every bucket so compilation is not timed
+        draws = [rng.choice(len(task.train["labels"]), args["batch_size"], replace=False) for _ in range(12)]
+        lengths = [
+            train.bucket_length(task.train["lengths"][d], buckets, args["seq_len"]) if use_buckets else args["seq_len"]
+            for d in draws
+        ]
+        for length in sorted(set(lengths)):
+            batch = train.take_batch(task.train, draws[0], length)
+            block(fns.accumulate(state.trainable, frozen, None, batch, mask))
+        t0 = time.perf_counter()
+        for d, length in zip(draws, lengths):
+            block(fns.accumulate(state.trainable, frozen, None, train.take_batch(task.train, d, length), mask))
+        elapsed = time.perf_counter() - t0
+        out[label] = {"examples_per_s": len(draws) * args["batch_size"] / elapsed, "lengths": sorted(set(lengths))}
+    return out
+
+
+def markdown(results: dict, args: dict) -> str:
+    lines = [
+        f"model `{args['model']}`, finetune `{args['finetune']}`, physical batch {args['batch_size']}, "
+        f"logical batch {args['logical']}, microbatch {args['microbatch_size']}, seq_len {args['seq_len']}, "
+        f"{args['dtype']}, {results['machine']['backend']} ({results['machine']['devices']})",
+        "",
+        "| method | step time (s) | vs non-private | compile (s) | peak memory (MB) | examples/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    base_time = results["methods"].get("non_private", {}).get("step_time_s")
+    for method, r in results["methods"].items():
+        ratio = f"{r['step_time_s'] / base_time:.2f}x" if base_time else "-"
+        lines.append(
+            f"| {method} | {r['step_time_s']:.3f} | {ratio} | {r['compile_time_s']:.1f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['examples_per_s']:.1f} |"
+        )
+    if "sst2" in results:
+        s = results["sst2"]
+        lines += ["", f"SST-2 DP-SGD examples/s: bucketed {s['bucketed']['examples_per_s']:.1f} "
+                      f"(lengths {s['bucketed']['lengths']}), fixed length {args['seq_len']}: "
+                      f"{s['fixed_length']['examples_per_s']:.1f}"]
+    lines += ["", f"command: `{results['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    jax.config.update("jax_default_matmul_precision", "highest" if FLAGS.dtype == "float32" else "default")
+    args = {
+        "model": FLAGS.model,
+        "batch_size": FLAGS.batch_size,
+        "seq_len": FLAGS.seq_len,
+        "finetune": FLAGS.finetune,
+        "microbatch_size": FLAGS.microbatch_size,
+        "logical": max(FLAGS.logical_batch_size, FLAGS.batch_size),
+        "repeats": FLAGS.repeats,
+        "dtype": FLAGS.dtype,
+    }
+    if args["logical"] % args["batch_size"]:
+        raise app.UsageError("--logical_batch_size must be a multiple of --batch_size")
+    model, params = build_model(FLAGS.model, FLAGS.finetune)
+    if FLAGS.dtype == "bfloat16":
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    rng = np.random.default_rng(0)
+    passes = args["logical"] // args["batch_size"]
+    batches = [random_batch(rng, args["batch_size"], args["seq_len"], model.config.vocab_size) for _ in range(passes)]
+    results = {
+        "args": args,
+        "command": "python " + " ".join(sys.argv),
+        "machine": {
+            "backend": jax.default_backend(),
+            "devices": str(jax.devices()[0].device_kind),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },
+        "num_trainable_params": int(
+            sum(np.size(x) for x in jax.tree_util.tree_leaves(models.partition(params, FLAGS.finetune)[0]))
+        ),
+        "methods": {},
+    }
+    for method in FLAGS.methods:
+        print(f"timing {method} ...", file=sys.stderr, flush=True)
+        results["methods"][method] = time_method(method, model, params, batches, args)
+        print(json.dumps({method: results["methods"][method]}), file=sys.stderr, flush=True)
+    if FLAGS.sst2_throughput:
+        results["sst2"] = sst2_throughput(model, params, args)
+    # the JSON maps each method to its numbers; run metadata sits under "_meta"
+    out = {**results["methods"], "_meta": {k: v for k, v in results.items() if k != "methods"}}
+    if "sst2" in results:
+        out["_meta"]["sst2"] = results["sst2"]
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(out, f, indent=2)
+    table = markdown(results, args)
+    with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main)
