@@ -1,5 +1,6 @@
 """ANADP: adaptive noise allocation for differentially private fine-tuning."""
 
+from anadp import accounting, allocation, clipping, importance, noise, sampling
 from anadp.clipping import ClippedSum, clipped_grad_sum, clipped_sum, per_example_grads
 from anadp.noise import (
     Mechanism,
@@ -12,6 +13,12 @@ from anadp.noise import (
 
 __all__ = [
     "ClippedSum",
+    "accounting",
+    "allocation",
+    "clipping",
+    "importance",
+    "noise",
+    "sampling",
     "Mechanism",
     "MechanismState",
     "anadp_aggregate",

@@ -35,7 +35,6 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anadp import models, train  # noqa: E402
-from anadp.noise import Mechanism  # noqa: E402
 from configs import base  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -1,0 +1,293 @@
+"""experiments/grid.py (commands, skip logic, collector) and experiments/heatmap.py, without training."""
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    path = os.path.join(ROOT, "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+grid = _load("grid")
+heatmap = _load("heatmap")
+
+
+# --- grid definitions and commands -----------------------------------------------
+
+
+def dry_run(capsys, *args):
+    assert grid.main(list(args) + ["--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    return [x for x in lines if not x.startswith("#")], lines
+
+
+def test_dry_run_rt_main_commands(tmp_path, capsys):
+    commands, _ = dry_run(capsys, "rt_main", "--seeds=0", f"--root={tmp_path}")
+    names = [c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1] for c in commands]
+    assert names == [
+        "rotten_tomatoes-lora-non_private-seed0",
+        "rotten_tomatoes-lora-dp_sgd-eps1-seed0",
+        "rotten_tomatoes-lora-dp_sgd-eps3-seed0",
+        "rotten_tomatoes-lora-dp_sgd-eps8-seed0",
+        "rotten_tomatoes-lora-anadp-elementwise-g0.5-r2-eps1-seed0",
+        "rotten_tomatoes-lora-anadp-elementwise-g0.5-r2-eps3-seed0",
+        "rotten_tomatoes-lora-anadp-elementwise-g0.5-r2-eps8-seed0",
+    ]
+    dp3 = commands[2].split()
+    assert dp3[1:4] == ["launch.py", "--config=configs/default.py", f"--workdir={tmp_path}/{names[2]}"]
+    assert "--config.privacy.method=dp_sgd" in dp3 and "--config.privacy.epsilon=3.0" in dp3
+    assert "--config.train.seed=0" in dp3
+    assert not any("epsilon" in flag for flag in commands[0].split())  # non-private: no epsilon
+
+
+def test_grid_sizes_and_names_are_unique():
+    counts = {name: len(grid.plan(name, "/tmp/unused")) for name in grid.GRIDS}
+    # rt_main: 3 seeds x (1 non-private + 2 methods x 3 eps); sst2_main adds full FT (3 cells) per seed.
+    assert counts["rt_main"] == 21 and counts["sst2_main"] == 30
+    assert counts["rt_sweep"] == 3 * (1 + 3 * 4 * 2)
+    assert counts["rt_literal"] == 3 * (3 + 3)
+    assert counts["rt_profile"] == 3 * (1 + 4 * 3)
+    full = [c.name for c in grid.plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
+    assert full == ["sst2-full-non_private-seed0", "sst2-full-dp_sgd-eps3-seed0",
+                    "sst2-full-anadp-elementwise-g0.5-r2-eps3-seed0"]
+    literal = grid.plan("rt_literal", "/tmp/unused", seeds=(1,), only=["anadp"])
+    assert [c.name for c in literal][1] == "rotten_tomatoes-lora-anadp-global-elementwise-g0.5-r2-eps3-seed1"
+    assert literal[1].overrides["privacy.clipping"] == "global"
+    profile = grid.plan("rt_profile", "/tmp/unused", seeds=(0,), only=["g-0.5-r1.5"])
+    assert [c.name for c in profile] == ["rotten_tomatoes-lora-anadp-private_profile-g-0.5-r1.5-eps3-seed0"]
+
+
+def test_set_only_and_seeds(tmp_path, capsys):
+    commands, _ = dry_run(capsys, "rt_sweep", "--seeds=4,5", "--only=group_taylor", "--only=g1-,g-0.5",
+                          "--set=train.epochs=1", "--set=config.privacy.rho=3", f"--root={tmp_path}")
+    # rho is part of the name: --set=privacy.rho=3 merges the rho 2 and 4 cells into one.
+    assert len(commands) == 2 * 2
+    for command in commands:
+        assert command.split()[-2:] == ["--config.train.epochs=1.0", "--config.privacy.rho=3.0"]
+        assert "group_taylor" in command and "-r3-eps3-seed" in command
+        assert command.count("--config.privacy.rho=") == 1
+    assert "seed4" in commands[0] and "seed5" in commands[-1]
+    with pytest.raises(ValueError, match="unknown config field"):
+        grid.plan("rt_main", str(tmp_path), sets=["train.nope=1"])
+    with pytest.raises(ValueError, match="integer"):
+        grid.plan("rt_main", str(tmp_path), sets=["train.steps=1.5"])
+
+
+def test_commands_parse_to_the_effective_config(tmp_path, monkeypatch):
+    """launch.py's own flag parsing of a cell's command gives the config the grid named it after."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    monkeypatch.chdir(ROOT)
+    for cell in grid.plan("sst2_main", str(tmp_path), seeds=(2,), sets=["train.steps=7", "model.dropout=true"],
+                          only=["full-anadp"]) + grid.plan("rt_literal", str(tmp_path), only=["eps8-seed1"]):
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                        sys_argv=cell.command[1:])  # defines the --config.* overrides
+        flags.DEFINE_string("workdir", None, "", flag_values=values)
+        values(cell.command[1:])
+        assert values.config.to_dict() == cell.effective
+        assert values.workdir == cell.workdir
+    assert cell.effective["privacy"]["clipping"] == "global"
+
+
+# --- running: skip, conflicts, failures ----------------------------------------------
+
+
+def fake_summary(cell, metric_value=0.5, **changes):
+    config = json.loads(json.dumps(cell.effective))
+    for dotted, value in changes.items():
+        group, field = dotted.split(".")
+        config[group][field] = value
+    p = config["privacy"]
+    return {"task": config["data"]["task"], "method": p["method"], "finetune": config["model"]["finetune"],
+            "model": config["model"]["name"], "epsilon": p["epsilon"], "target_epsilon": p["epsilon"],
+            "noise_multiplier": 1.0, "clipping": "global", "steps": 10, "seed": config["train"]["seed"],
+            "eval": {"accuracy": metric_value}, "main_metric": "accuracy", "wall_time_s": 1.0, "config": config}
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_run_grid_skips_finished_cells_and_survives_failures(tmp_path):
+    root = str(tmp_path / "root")
+    cells = grid.plan("rt_main", root, seeds=(0,), only=["eps3"])
+    assert [c.name.split("-")[2] for c in cells] == ["dp_sgd", "anadp"]
+    cells += grid.plan("rt_main", root, seeds=(1,), only=["eps3"])
+    write_json(os.path.join(cells[0].path(), "summary.json"), fake_summary(cells[0]))  # already done
+    write_json(os.path.join(cells[1].path(), "summary.json"), fake_summary(cells[1], **{"train.steps": 99}))
+    launched = []
+
+    def runner(cell, env):
+        launched.append(cell.name)
+        assert env["TF_CPP_MIN_LOG_LEVEL"]
+        if "anadp" in cell.name:
+            return 1  # a crash: no summary
+        write_json(os.path.join(cell.path(), "summary.json"), fake_summary(cell, 0.7))
+        return 0
+
+    out = io.StringIO()
+    status = grid.run_grid(cells, root, runner=runner, out=out)
+    assert launched == [cells[2].name, cells[3].name]
+    assert status == {cells[0].name: "done", cells[1].name: "conflict", cells[2].name: "ok",
+                      cells[3].name: "failed"}
+    assert "train.steps: ran 99, wanted 0" in out.getvalue()
+    lines = (tmp_path / "root" / "commands.txt").read_text().splitlines()
+    assert [line.split("\t")[1:3] for line in lines] == [[cells[2].name, "rc=0"], [cells[3].name, "rc=1"]]
+    assert lines[0].split("\t")[4] == cells[2].command_text
+
+    launched.clear()
+    status = grid.run_grid(cells, root, runner=runner, out=io.StringIO(), parallel=2)
+    assert launched == [cells[3].name]  # only the failed cell is retried
+    assert status[cells[2].name] == "done"
+
+
+def test_dry_run_marks_done_cells(tmp_path, capsys):
+    cell = grid.plan("rt_main", str(tmp_path), seeds=(0,), only=["non_private"])[0]
+    write_json(os.path.join(cell.path(), "summary.json"), fake_summary(cell))
+    _, lines = dry_run(capsys, "rt_main", "--seeds=0", f"--root={tmp_path}")
+    assert lines[0].startswith("# done: ") and cell.name in lines[0]
+    assert lines[-1].startswith("# 7 cells, 1 done")
+
+
+# --- collecting ------------------------------------------------------------------------
+
+
+ACC = {  # (method, clipping, target eps) -> accuracy per seed
+    ("non_private", None, None): [0.90, 0.92, 0.91],
+    ("dp_sgd", "global", 1.0): [0.70, 0.74, 0.72],
+    ("dp_sgd", "global", 3.0): [0.80, 0.81, 0.85],
+    ("anadp", "elliptical", 3.0): [0.83, 0.82, 0.89],
+    ("anadp", "global", 3.0): [0.86, 0.85],  # seeds 0, 1 only
+    ("anadp", "elliptical", 1.0): [0.75, 0.70, 0.71],
+}
+
+
+def write_fake_runs(root):
+    for (method, clipping, eps), values in ACC.items():
+        for seed, value in enumerate(values):
+            name = f"{method}-{clipping}-{eps}-seed{seed}"
+            summary = {
+                "task": "rotten_tomatoes", "method": method, "finetune": "lora", "model": "minilm-l6",
+                "epsilon": float("inf") if eps is None else (eps * 7 if clipping == "global" and method == "anadp"
+                                                              else eps - 0.001),
+                "target_epsilon": eps, "delta": None if eps is None else 1e-5,
+                "noise_multiplier": None if eps is None else 1.0 / eps, "clipping": clipping, "steps": 100,
+                "seed": seed, "eval": {"accuracy": value, "loss": 0.3}, "main_metric": "accuracy",
+                "wall_time_s": 10.0 + seed,
+                "config": {"privacy": {"importance": "elementwise", "gamma": 0.5, "rho": 2.0},
+                           "model": {"name": "minilm-l6"}},
+            }
+            if method == "anadp" and clipping == "global":
+                summary["dp_sgd_epsilon_same_sigma"] = eps - 0.001
+            with open(os.path.join(root, "commands.txt"), "a") as f:
+                f.write(f"2024-01-01T00:00:00\t{name}\trc=0\t12.0s\tpython launch.py --workdir={name}\n")
+            write_json(os.path.join(root, name, "summary.json"), summary)
+    # A cell still running (no summary) and a checkpoint folder are ignored.
+    os.makedirs(os.path.join(root, "unfinished", "checkpoints", "2"))
+    with open(os.path.join(root, "anadp-elliptical-3.0-seed0", "command.txt"), "w") as f:
+        f.write("python launch.py --the-exact-command\n")
+
+
+def test_collect_tables_and_figure(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    write_fake_runs(str(root))
+    out = tmp_path / "results" / "rt"
+    assert grid.main(["collect", f"--root={root}", f"--out={out}"]) == 0
+
+    with open(f"{out}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(v) for v in ACC.values())
+    assert list(rows[0]) == grid.CSV_COLUMNS
+    for column in ["task", "finetune", "method", "clipping", "importance", "gamma", "rho", "target_epsilon",
+                   "epsilon", "dp_sgd_epsilon_same_sigma", "noise_multiplier", "seed", "main_metric_value",
+                   "steps", "wall_time_s", "command"]:
+        assert column in rows[0]
+    by_cell = {r["cell"]: r for r in rows}
+    assert by_cell["anadp-elliptical-3.0-seed0"]["command"] == "python launch.py --the-exact-command"
+    assert by_cell["anadp-elliptical-3.0-seed1"]["command"] == "python launch.py --workdir=anadp-elliptical-3.0-seed1"
+    assert by_cell["non_private-None-None-seed0"]["importance"] == ""
+    assert by_cell["non_private-None-None-seed0"]["epsilon"] == "inf"
+    assert by_cell["anadp-global-3.0-seed1"]["dp_sgd_epsilon_same_sigma"] == "2.999"
+    assert float(by_cell["dp_sgd-global-1.0-seed2"]["main_metric_value"]) == 0.72
+
+    aggregates = {(a["method"], a["clipping"], a["target_epsilon"]): a
+                  for a in grid.aggregate(grid.load_rows([str(root)]))}
+    assert len(aggregates) == len(ACC)
+    for key, values in ACC.items():
+        a = aggregates[(key[0], key[1] or "", key[2])]
+        assert a["n"] == len(values)
+        assert a["mean"] == pytest.approx(statistics.mean(values))
+        assert a["sd"] == pytest.approx(statistics.stdev(values))
+    paired = aggregates[("anadp", "elliptical", 3.0)]
+    diffs = [a - b for a, b in zip(ACC[("anadp", "elliptical", 3.0)], ACC[("dp_sgd", "global", 3.0)])]
+    assert paired["n_pairs"] == 3
+    assert paired["diff_mean"] == pytest.approx(statistics.mean(diffs))
+    assert paired["diff_sd"] == pytest.approx(statistics.stdev(diffs))
+    literal = aggregates[("anadp", "global", 3.0)]
+    assert literal["n_pairs"] == 2
+    assert literal["diff_mean"] == pytest.approx(statistics.mean([0.86 - 0.80, 0.85 - 0.81]))
+    assert literal["epsilon_mean"] == pytest.approx(21.0)
+    assert aggregates[("anadp", "elliptical", 1.0)]["diff_mean"] == pytest.approx(
+        statistics.mean([0.05, -0.04, -0.01]))
+    assert aggregates[("dp_sgd", "global", 3.0)]["n_pairs"] == 0
+
+    md = open(f"{out}.md").read()
+    assert f"{100 * statistics.mean(diffs):.2f} ± {100 * statistics.stdev(diffs):.2f}" in md
+    assert f"{100 * statistics.mean([0.90, 0.92, 0.91]):.2f} ± {100 * statistics.stdev([0.90, 0.92, 0.91]):.2f}" in md
+    assert "| 21 (3) |" in md  # the literal variant's spent epsilon, DP-SGD's claim in parentheses
+    assert md.count("| rotten_tomatoes |") == len(ACC)
+    assert os.path.getsize(f"{out}_accuracy_vs_epsilon.png") > 5000
+
+
+def test_collect_errors(tmp_path, capsys):
+    assert grid.main(["collect", f"--root={tmp_path / 'missing'}", f"--out={tmp_path / 'x'}"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert grid.main(["collect", f"--root={tmp_path / 'empty'}", f"--out={tmp_path / 'x'}"]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+# --- heatmap ---------------------------------------------------------------------------
+
+
+def test_heatmap_from_metrics(tmp_path):
+    run = tmp_path / "rotten_tomatoes-lora-anadp-eps3-seed0"
+    groups = [f"encoder/layer_{i}/attention/{m}/lora_{ab}" for i in range(2) for m in ("query", "value")
+              for ab in "ab"] + ["classifier/kernel", "classifier/bias"]
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in (10, 20, 30):
+            f.write(json.dumps({"step": step, "eval": {"validation": {"accuracy": 0.5}},
+                                "noise_scales": {g: 0.5 + 0.1 * i + step / 100 for i, g in enumerate(groups)},
+                                "importance": {g: float(i) for i, g in enumerate(groups)}}) + "\n")
+            f.write(json.dumps({"step": step + 1}) + "\n")  # a record without an evaluation
+    write_json(str(run / "config.json"), {"data": {"task": "rotten_tomatoes"},
+                                          "privacy": {"method": "anadp", "importance": "elementwise"}})
+    paths = heatmap.draw(str(run), step=20)
+    assert [os.path.basename(p) for p in paths] == ["noise_scales.png", "noise_scales_over_time.png"]
+    assert all(os.path.getsize(p) > 3000 for p in paths)
+    assert heatmap.main([f"--workdir={run}", f"--out={tmp_path / 'figs'}", "--importance"]) == 0
+    assert sorted(os.listdir(tmp_path / "figs")) == [
+        f"{run.name}_{x}.png" for x in ("importance_over_time", "noise_scales", "noise_scales_over_time")]
+    empty = tmp_path / "dp_sgd_run"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval": {}}) + "\n")
+    assert heatmap.main([f"--workdir={empty}"]) == 2
