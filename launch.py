@@ -39,8 +39,14 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     from anadp import sharding, train
 
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(v is not None for v in explicit):
+        sharding.initialize_distributed(*explicit)
+    if sharding.num_devices() > 1 and sharding.is_main_process():
+        import jax
+
+        print(f"data parallel over {sharding.num_devices()} {jax.default_backend()} devices "
+              f"in {jax.process_count()} process(es)", file=sys.stderr)
     try:
         summary = train.run(_CONFIG.value, _WORKDIR.value)
     except ValueError as e:

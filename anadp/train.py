@@ -104,7 +104,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Creates the workdir, checks it is writable, and refuses a foreign one."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per host
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -241,19 +241,21 @@ def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
 class StepFunctions:
     """The jitted pieces of a step. One compilation per batch shape (bucket)."""
 
-    accumulate: Callable  # (trainable, scales, batch, mask) -> ClippedSum / grad sum
+    accumulate: Callable  # (trainable, frozen, scales, batch, mask) -> ClippedSum / grad sum
     apply: Callable  # (state, summed, realised_count) -> state
-    predict: Callable  # (trainable, batch) -> logits
+    predict: Callable  # (trainable, frozen, batch) -> logits
 
 
-def make_step_functions(model, frozen, mechanism: Mechanism | None, optimizer, config) -> StepFunctions:
-    loss_fn = make_example_loss(model, frozen, config.model.dropout)
+def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -> StepFunctions:
+    """The frozen parameters are an argument, not a closure: captured, they would be
+    baked into the compiled program as constants (slow to compile, duplicated in memory)."""
     microbatch = config.train.microbatch_size
 
     if mechanism is None:
 
-        def accumulate(trainable, scales, batch, mask):
+        def accumulate(trainable, frozen, scales, batch, mask):
             del scales
+            loss_fn = make_example_loss(model, frozen, config.model.dropout)
 
             def total_loss(p):
                 losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
@@ -268,9 +270,9 @@ def make_step_functions(model, frozen, mechanism: Mechanism | None, optimizer, c
 
     else:
 
-        def accumulate(trainable, scales, batch, mask):
+        def accumulate(trainable, frozen, scales, batch, mask):
             return clipped_grad_sum(
-                loss_fn,
+                make_example_loss(model, frozen, config.model.dropout),
                 trainable,
                 batch,
                 scales,
@@ -287,7 +289,7 @@ def make_step_functions(model, frozen, mechanism: Mechanism | None, optimizer, c
             updates, opt_state = optimizer.update(released, state.opt_state, state.trainable)
             return TrainState(optax.apply_updates(state.trainable, updates), opt_state, mech_state)
 
-    def predict(trainable, batch):
+    def predict(trainable, frozen, batch):
         params = models.combine(trainable, frozen)
         return model.apply(
             {"params": params},
@@ -298,22 +300,25 @@ def make_step_functions(model, frozen, mechanism: Mechanism | None, optimizer, c
         )
 
     return StepFunctions(
-        accumulate=jax.jit(accumulate),
+        # Each device clips its own rows; the clipped sums are added across devices.
+        accumulate=jax.jit(sharding.sum_over_devices(accumulate, num_replicated=3)),
         apply=jax.jit(apply, donate_argnums=(0,)),
         predict=jax.jit(predict),
     )
 
 
-def evaluate(fns: StepFunctions, trainable, split: dict, spec, batch_size: int, buckets, max_length) -> dict:
+def evaluate(fns: StepFunctions, trainable, frozen, split: dict, spec, batch_size: int, buckets, max_length) -> dict:
     """The task's metrics and the mean loss on one evaluation split."""
     n = len(split["labels"])
+    rows = sharding.padded_batch_size(batch_size)  # a multiple of the device count
     logits_all = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        padded = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
         length = bucket_length(split["lengths"][idx], buckets, max_length)
-        batch = sharding.shard_batch(take_batch(split, padded, length))
-        logits_all.append(np.asarray(fns.predict(trainable, batch))[: len(idx)])
+        batch, _ = sharding.put_batch(
+            lambda ids, idx=idx, length=length: take_batch(split, idx[ids], length), np.ones(len(idx)), rows
+        )
+        logits_all.append(sharding.to_host(fns.predict(trainable, frozen, batch))[: len(idx)])
     logits = np.concatenate(logits_all).astype(np.float64)
     labels = split["labels"].astype(np.int64)
     log_probs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
@@ -500,16 +505,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is not None:
         start_step, state, ledger = restored
         print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
-    state = sharding.replicate(state)
-    fns = make_step_functions(model, frozen, mechanism, optimizer, config)
+    state, frozen = sharding.replicate(state), sharding.replicate(frozen)
+    fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
     buckets = parse_buckets(config.data.bucket_lengths)
     main_metric = task.spec.main_metric
     dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
+    # Rows per pass on the devices: the physical batch padded (mask 0) to a
+    # multiple of the device count (and of the per-device microbatch).
+    device_rows = sharding.padded_batch_size(t.physical_batch_size, t.microbatch_size)
+    if device_rows != t.physical_batch_size and sharding.is_main_process():
+        print(f"train.physical_batch_size={t.physical_batch_size} padded to {device_rows} rows "
+              f"for {sharding.num_devices()} devices", file=sys.stderr)
 
     def eval_all(trainable_now):
         return {
-            name: evaluate(fns, trainable_now, split, task.spec, t.eval_batch_size, buckets, config.data.max_length)
+            name: evaluate(
+                fns, trainable_now, frozen, split, task.spec, t.eval_batch_size, buckets, config.data.max_length
+            )
             for name, split in task.eval_splits.items()
         }
 
@@ -519,18 +532,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start_step, total_steps):
         summed = None
         realised = 0
-        for pass_index, physical in enumerate(sampler.batches(step)):
+        for pass_index, physical in enumerate(sampler.batches(step, sort_by=task.train["lengths"])):
             real_rows = physical.indices[physical.mask.astype(bool)]
             length = bucket_length(task.train["lengths"][real_rows], buckets, config.data.max_length)
-            batch = take_batch(task.train, physical.indices, length)
+            dropout_keys = None
             if config.model.dropout:
                 key = jax.random.fold_in(jax.random.fold_in(dropout_base, step), pass_index)
-                batch["dropout_key"] = jax.random.split(key, len(physical.indices))
-            mask = np.asarray(physical.mask, np.float32)
-            realised += int(mask.sum())
-            batch, mask = sharding.shard_batch(batch), sharding.shard_batch(mask)
+                dropout_keys = np.asarray(jax.random.split(key, len(physical.indices)))
+
+            def load_rows(ids, indices=physical.indices, length=length, dropout_keys=dropout_keys):
+                # Every host draws the same global batch; each loads only its devices' rows.
+                rows = take_batch(task.train, indices[ids], length)
+                if dropout_keys is not None:
+                    rows["dropout_key"] = dropout_keys[ids]
+                return rows
+
+            realised += physical.num_real
+            batch, mask = sharding.put_batch(load_rows, physical.mask, device_rows)
             scales = mechanism.clip_scales(state.mechanism) if mechanism else None
-            part = fns.accumulate(state.trainable, scales, batch, mask)
+            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
             summed = part if summed is None else summed + part
         if mechanism is not None and mechanism.clipping == "global":
             z = accounting.effective_noise_multiplier(
@@ -539,7 +559,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             )
         elif mechanism is not None:
             z = ledger.reference_noise_multiplier
-        state = fns.apply(state, summed, jnp.float32(realised))
+        state = fns.apply(state, summed, sharding.replicate(np.float32(realised)))
         if private:
             ledger.record(sampling_rate, z)
         done = step + 1
