@@ -26,6 +26,7 @@ See :func:`effective_noise_multiplier`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping
@@ -161,7 +162,15 @@ def _make_accountant(accountant: str, pld_discretization: float) -> dp_accountin
 def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str,
                       pld_discretization: float) -> float:
     acc = _make_accountant(accountant, pld_discretization)
-    return float(acc.compose(event).get_epsilon(delta))
+    try:
+        return float(acc.compose(event).get_epsilon(delta))
+    except (MemoryError, OverflowError) as e:
+        if accountant != "pld":
+            raise
+        # A tiny multiplier makes the PLD's support astronomically wide. RDP is a
+        # valid (looser) upper bound, so report that rather than crash.
+        logging.warning("PLD accounting failed (%s); reporting the RDP bound instead", type(e).__name__)
+        return _epsilon_of_event(event, delta, "rdp", pld_discretization)
 
 
 def make_step_event(noise_multiplier: float, sampling_rate: float, steps: int = 1) -> dp_accounting.DpEvent:

@@ -407,3 +407,8 @@ def test_ledger_validation():
     with pytest.raises(ValueError, match=r"delta=2 is outside \(0, 1\)"):
         led.epsilon(2)
     assert led.steps == 0 and led.reference_noise_multiplier is None
+
+
+def test_tiny_noise_multiplier_falls_back_to_rdp_instead_of_crashing():
+    eps = compute_epsilon(1e-4, 0.03, 20, 1e-5)
+    assert eps == compute_epsilon(1e-4, 0.03, 20, 1e-5, accountant="rdp") and eps > 1e3

@@ -98,7 +98,7 @@ def test_lora_gradient_step_changes_only_trainable(batch, lora_model):
     trainable, frozen = M.partition(params, "lora")
     names = {"/".join(p) for p in _paths(trainable)}
     assert names == {n for n in map("/".join, _paths(params))
-                     if n.endswith(("lora_a", "lora_b")) or n.startswith("classifier/")}
+                     if n.endswith(("lora_a", "lora_b")) or n.startswith(("classifier/", "pooler/"))}
     assert not _paths(trainable) & _paths(frozen)
     assert _paths(trainable) | _paths(frozen) == _paths(params)
 
@@ -140,9 +140,10 @@ def test_partition_modes():
     assert {p[-1] for p in _paths(frozen)} == {"lora_scale"}
     bias, frozen = M.partition(params, "bias")
     names = {"/".join(p) for p in _paths(bias)}
-    assert all(n.endswith("/bias") or n.startswith("classifier/") for n in names)
+    assert all(n.endswith("/bias") or n.startswith(("classifier/", "pooler/")) for n in names)
     assert "encoder/layer_0/norm/bias" in names and "classifier/kernel" in names
-    assert "pooler/bias" in names and "pooler/kernel" not in names
+    assert "pooler/bias" in names and "pooler/kernel" in names  # the pooler is part of BERT's head
+    assert "encoder/layer_0/attention/query/kernel" not in names
     assert M.combine(bias, frozen).keys() == params.keys()
     with pytest.raises(ValueError, match="unknown finetune mode 'adapter'.*full, lora, bias"):
         M.partition(params, "adapter")

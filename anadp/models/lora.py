@@ -38,7 +38,10 @@ LAYER_DENSE_MODULES = (
 )
 
 FINETUNE_MODES = ("full", "lora", "bias")
-HEAD_NAMES = ("classifier",)
+# The task head: everything between the encoder's last hidden states and the
+# logits. BERT's pooler (dense + tanh on [CLS]) is the counterpart of RoBERTa's
+# head dense layer (inside "classifier"), so it trains with the head in every mode.
+HEAD_NAMES = ("pooler", "classifier")
 LORA_LEAVES = ("lora_a", "lora_b")
 LORA_SCALE = "lora_scale"
 
@@ -191,8 +194,8 @@ def partition(params: Mapping, finetune: str) -> tuple[dict, dict]:
 
     - ``"full"``: every parameter (LoRA factors too, if present);
     - ``"lora"``: ``lora_a``/``lora_b`` plus the classification head
-      (``params["classifier"]``); BERT's pretrained pooler stays frozen,
-      as in PEFT's sequence-classification default;
+      (BERT: ``pooler`` and ``classifier``; RoBERTa: ``classifier``, which
+      holds its dense and projection layers);
     - ``"bias"``: every ``bias`` leaf (dense and LayerNorm, as in BitFit) plus
       the classification head.
 
