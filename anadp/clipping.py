@@ -97,23 +97,12 @@ def clipped_sum(
     """
     check_clipping(clipping)
     leaves, treedef = jax.tree_util.tree_flatten(per_example_grads)
-    batch_size = leaves[0].shape[0]
     if scales is None:
         scale_leaves = [jnp.ones([], jnp.float32)] * len(leaves)
     else:
         scale_leaves = treedef.flatten_up_to(scales)
     sq_norms = _per_leaf_sq_norms(per_example_grads)
-
-    if clipping == "elliptical":
-        # ||g / s||^2 without materialising g / s: divide each leaf's squared norm.
-        total_sq = sum(n / jnp.square(s) for n, s in zip(sq_norms, scale_leaves))
-    else:
-        total_sq = sum(sq_norms)
-    norms = jnp.sqrt(total_sq)
-    # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
-    factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
-    if mask is not None:
-        factors = jnp.where(mask.astype(bool), factors, 0.0)
+    factors = clip_factors(sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask)
 
     def weighted_sum(g, s):
         summed = jnp.einsum(
@@ -125,14 +114,46 @@ def clipped_sum(
         [weighted_sum(g, s) for g, s in zip(leaves, scale_leaves)]
     )
 
-    profile = None
-    if groups is not None:
-        group_norms = jnp.sqrt(allocation.group_sum(sq_norms, groups))  # [K, B]
-        raw_norms = jnp.sqrt(sum(sq_norms))  # [B]
-        unit = group_norms / jnp.where(raw_norms > 0, raw_norms, 1.0)
-        weights = jnp.ones([batch_size]) if mask is None else mask.astype(jnp.float32)
-        profile = unit @ weights
+    profile = None if groups is None else norm_profile(sq_norms, groups, mask)
     return ClippedSum(summed, profile)
+
+
+def clip_factors(
+    sq_norms: list[jax.Array],
+    scale_leaves: list[Any],
+    *,
+    l2_norm_clip: float,
+    clipping: str,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Per-example clip factors [B] from per-leaf squared norms (each [B]).
+
+    Elliptical: min(1, C / ||g / s||) with ||g / s||^2 = sum_leaf ||g_leaf||^2 / s_leaf^2;
+    global: min(1, C / ||g||). Rows whose mask is 0 get factor 0. Shared by the
+    vmap path here and the ghost-norm path (`anadp.ghost`).
+    """
+    check_clipping(clipping)
+    if clipping == "elliptical":
+        # ||g / s||^2 without materialising g / s: divide each leaf's squared norm.
+        total_sq = sum(n / jnp.square(s) for n, s in zip(sq_norms, scale_leaves))
+    else:
+        total_sq = sum(sq_norms)
+    norms = jnp.sqrt(total_sq)
+    # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
+    factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
+    if mask is not None:
+        factors = jnp.where(mask.astype(bool), factors, 0.0)
+    return factors
+
+
+def norm_profile(sq_norms: list[jax.Array], groups: Groups, mask: jax.Array | None = None) -> jax.Array:
+    """[K] sum over unmasked rows of u_i = (||g_{i,1}||, ..., ||g_{i,K}||) / ||g_i||
+    (0 for a zero gradient), from per-leaf squared norms (each [B])."""
+    group_norms = jnp.sqrt(allocation.group_sum(sq_norms, groups))  # [K, B]
+    raw_norms = jnp.sqrt(sum(sq_norms))  # [B]
+    unit = group_norms / jnp.where(raw_norms > 0, raw_norms, 1.0)
+    weights = jnp.ones([unit.shape[1]]) if mask is None else mask.astype(jnp.float32)
+    return unit @ weights
 
 
 def clipped_grad_sum(

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from anadp import accounting, importance, models, sampling, sharding
+from anadp import accounting, ghost, importance, models, sampling, sharding
 from anadp import data as data_lib
 from anadp.clipping import ClippedSum, clipped_grad_sum
 from anadp.noise import Mechanism, group_values
@@ -89,6 +89,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
     if t.optimizer not in OPTIMIZERS:
         bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
+    engine = t.clipping_engine
+    if engine not in CLIPPING_ENGINES:
+        bad("train.clipping_engine", engine, f"must be one of {CLIPPING_ENGINES}")
+    if engine == "ghost" and config.model.dropout and p.method != "non_private":
+        bad("train.clipping_engine", engine, "'ghost' needs model.dropout=False (no per-example dropout)")
     if t.schedule not in SCHEDULES:
         bad("train.schedule", t.schedule, f"must be one of {SCHEDULES}")
     if not t.learning_rate > 0:
@@ -237,6 +242,11 @@ def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
     return loss_fn
 
 
+# How the DP step gets its clipped sum: "vmap" (per-example gradients,
+# clipping.clipped_grad_sum) or "ghost" (ghost norms + book-keeping, anadp.ghost).
+CLIPPING_ENGINES = ("vmap", "ghost")
+
+
 @dataclasses.dataclass
 class StepFunctions:
     """The jitted pieces of a step. One compilation per batch shape (bucket)."""
@@ -270,7 +280,23 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
 
     else:
 
+        engine = config.train.clipping_engine  # checked by validate_config
+
         def accumulate(trainable, frozen, scales, batch, mask):
+            if engine == "ghost":
+                # Ghost norms + book-keeping: no per-example gradients of large matrices.
+                return ghost.clipped_grad_sum(
+                    model,
+                    trainable,
+                    frozen,
+                    batch,
+                    scales,
+                    l2_norm_clip=mechanism.l2_norm_clip,
+                    clipping=mechanism.clipping,
+                    mask=mask,
+                    microbatch_size=microbatch,
+                    groups=mechanism.profile_groups(trainable),
+                )
             return clipped_grad_sum(
                 make_example_loss(model, frozen, config.model.dropout),
                 trainable,

@@ -43,6 +43,7 @@ flags.DEFINE_integer("batch_size", 32, "physical batch (rows per compiled pass)"
 flags.DEFINE_integer("seq_len", 128, "sequence length")
 flags.DEFINE_enum("finetune", "full", ["full", "lora", "bias"], "which parameters train")
 flags.DEFINE_integer("microbatch_size", 32, "rows per vmap inside a pass")
+flags.DEFINE_enum("engine", "vmap", ["vmap", "ghost"], "DP clipping engine (config train.clipping_engine)")
 flags.DEFINE_integer("logical_batch_size", 0, "> batch_size: accumulate this many rows per update")
 flags.DEFINE_list("methods", ["non_private", "dp_sgd", "anadp"], "methods to time")
 flags.DEFINE_integer("repeats", 5, "timed steps per method (median reported)")
@@ -58,11 +59,12 @@ def build_model(name: str, finetune: str):
     return models.from_pretrained(name, 2, lora=lora, seed=0)
 
 
-def make_config(method: str, batch_size: int, microbatch_size: int):
+def make_config(method: str, batch_size: int, microbatch_size: int, engine: str = "vmap"):
     config = base.get_config()
     config.privacy.method = method
     config.train.physical_batch_size = batch_size
     config.train.microbatch_size = min(microbatch_size, batch_size)
+    config.train.clipping_engine = engine
     return config
 
 
@@ -94,7 +96,7 @@ def block(tree):
 
 def time_method(method, model, params, batches, args) -> dict:
     """Compile time, median step time and peak memory of one method's step."""
-    config = make_config(method, args["batch_size"], args["microbatch_size"])
+    config = make_config(method, args["batch_size"], args["microbatch_size"], args["engine"])
     trainable, frozen = models.partition(params, args["finetune"])
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # `apply` donates its state
     optimizer = train.make_optimizer(config.train, total_steps=1000)
@@ -145,7 +147,7 @@ def sst2_throughput(model, params, args) -> dict:
     buckets = train.parse_buckets(base.get_config().data.bucket_lengths)
     out = {}
     for label, use_buckets in (("bucketed", True), ("fixed_length", False)):
-        config = make_config("dp_sgd", args["batch_size"], args["microbatch_size"])
+        config = make_config("dp_sgd", args["batch_size"], args["microbatch_size"], args["engine"])
         trainable, frozen = models.partition(params, args["finetune"])
         trainable = jax.tree_util.tree_map(jnp.copy, trainable)
         optimizer = train.make_optimizer(config.train, total_steps=1000)
@@ -174,6 +176,7 @@ def markdown(results: dict, args: dict) -> str:
     lines = [
         f"model `{args['model']}`, finetune `{args['finetune']}`, physical batch {args['batch_size']}, "
         f"logical batch {args['logical']}, microbatch {args['microbatch_size']}, seq_len {args['seq_len']}, "
+        f"clipping engine `{args['engine']}`, "
         f"{args['dtype']}, {results['machine']['backend']} ({results['machine']['devices']})",
         "",
         "| method | step time (s) | vs non-private | compile (s) | peak memory (MB) | examples/s |",
@@ -204,6 +207,7 @@ def main(argv):
         "seq_len": FLAGS.seq_len,
         "finetune": FLAGS.finetune,
         "microbatch_size": FLAGS.microbatch_size,
+        "engine": FLAGS.engine,
         "logical": max(FLAGS.logical_batch_size, FLAGS.batch_size),
         "repeats": FLAGS.repeats,
         "dtype": FLAGS.dtype,

@@ -21,6 +21,18 @@ Dense kernels are (in, out), i.e. the transpose of PyTorch's Linear weight.
 
 Nothing here inspects the batch size, so a per-example function that adds a
 batch axis of 1 inside can be ``jax.vmap``-ed over examples.
+
+Ghost-clipping hooks (``anadp.ghost``): every module that owns trainable
+parameters records what its parameter gradients are made of, and nothing else
+changes. It sows its input into the ``"intermediates"`` collection and passes
+its output through ``self.perturb`` (collection ``"perturbations"``): Dense
+sows ``dense_in`` (x) and perturbs ``dense_out`` (y), and with LoRA also sows
+and perturbs ``lora_z`` / ``lora_z_out`` (z = x @ lora_a); LayerNorm sows
+``norm_xhat`` (the normalised input) and perturbs ``norm_out``; Embed sows
+``embed_ids`` and perturbs ``embed_out``. Both are inert unless the
+collections are requested (``mutable=["intermediates"]``, a
+``"perturbations"`` entry in the variables): outputs and parameter names are
+unchanged.
 """
 from __future__ import annotations
 
@@ -35,6 +47,14 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .lora import LORA_SCALE, LoraConfig
+
+# Collections and names of the ghost-clipping hooks (see the module docstring).
+RECORD = "intermediates"
+PERTURB = "perturbations"
+DENSE_IN, DENSE_OUT = "dense_in", "dense_out"
+LORA_Z, LORA_Z_OUT = "lora_z", "lora_z_out"
+NORM_XHAT, NORM_OUT = "norm_xhat", "norm_out"
+EMBED_IDS, EMBED_OUT = "embed_ids", "embed_out"
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -76,6 +96,7 @@ class Dense(nn.Module):
         in_features = x.shape[-1]
         kernel = self.param("kernel", _normal(self.init_std), (in_features, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        self.sow(RECORD, DENSE_IN, x)
         y = jnp.dot(x, kernel) + bias
         if self.lora is not None:
             r = self.lora.rank
@@ -89,14 +110,53 @@ class Dense(nn.Module):
                 h = nn.Dropout(self.lora.dropout, name="lora_dropout")(
                     h, deterministic=deterministic
                 )
-            y = y + jnp.dot(jnp.dot(h, a), b) * scale
-        return y
+            z = jnp.dot(h, a)
+            self.sow(RECORD, LORA_Z, z)
+            z = self.perturb(LORA_Z_OUT, z, collection=PERTURB)
+            y = y + jnp.dot(z, b) * scale
+        return self.perturb(DENSE_OUT, y, collection=PERTURB)
 
 
-def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm(use_fast_variance=False)`` over the last axis, with the same
+    parameters (``scale``, ``bias``) and the same floating-point operations,
+    plus the ghost-clipping hooks (the normalised input is only computed when
+    it is recorded)."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (features,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (features,))
+        stats = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+        mean = stats.mean(-1)
+        var = jnp.expand_dims(
+            jax.lax.square(stats - jnp.expand_dims(mean, -1)).mean(-1), -1
+        )
+        mean = jnp.expand_dims(mean, -1)
+        centred = x - mean
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        if self.is_mutable_collection(RECORD):
+            self.sow(RECORD, NORM_XHAT, centred * inv)
+        y = centred * (inv * scale) + bias
+        y = jnp.asarray(y, jnp.result_type(x, scale, bias))
+        return self.perturb(NORM_OUT, y, collection=PERTURB)
+
+
+class Embed(nn.Embed):
+    """``nn.Embed`` (same parameter, same lookup) plus the ghost-clipping hooks."""
+
+    def __call__(self, inputs):
+        self.sow(RECORD, EMBED_IDS, inputs)
+        return self.perturb(EMBED_OUT, super().__call__(inputs), collection=PERTURB)
+
+
+def _layer_norm(config: ModelConfig, name: str) -> LayerNorm:
     # Two-pass variance, as PyTorch computes it (the fast E[x^2]-E[x]^2 form
     # costs ~1e-5 of agreement with the reference).
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, name=name)
+    return LayerNorm(epsilon=config.layer_norm_eps, name=name)
 
 
 class Embeddings(nn.Module):
@@ -115,12 +175,12 @@ class Embeddings(nn.Module):
             position_ids = jnp.broadcast_to(
                 jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape
             )
-        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                         name="word_embeddings")(input_ids)
-        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                             embedding_init=init, name="position_embeddings")(position_ids)
-        types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
-                         name="token_type_embeddings")(token_type_ids)
+        words = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                      name="word_embeddings")(input_ids)
+        positions = Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                          embedding_init=init, name="position_embeddings")(position_ids)
+        types = Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                      name="token_type_embeddings")(token_type_ids)
         x = words + types + positions
         x = _layer_norm(cfg, "norm")(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)

@@ -1,0 +1,441 @@
+"""Ghost-norm / book-keeping clipping: the clipped gradient sum of
+`clipping.clipped_grad_sum` without per-example gradients of large matrices.
+
+The vmap path materialises every example's full gradient (B x P floats per
+microbatch: for MiniLM's 11.7M-float word embedding alone, 1.5 GB at B = 32).
+Here, for each microbatch:
+
+1. One forward pass of the batched model records, for every module that owns
+   a trainable leaf, the input of its parameters (Flax ``sow``: a Dense
+   input x, a LoRA hidden z = x @ lora_a, a LayerNorm's normalised input, an
+   Embed's ids), and one backward pass gives the cotangent of each such
+   module's output (Flax ``perturb``; the loss is the sum of the per-example
+   losses, so each example's cotangents are its own). Only the perturbations
+   are differentiated, so the weight-gradient matmuls are never built.
+2. Per-example squared norms of every trainable leaf, from those records
+   (X: [B, T, in] input, D: [B, T, out] output cotangent, T the token axis, or
+   1 for the pooled head):
+
+   - Dense kernel ``||X_i^T D_i||_F^2``: either by Gram matrices,
+     ``sum_{t,t'} (X_i X_i^T)_{tt'} (D_i D_i^T)_{tt'}`` (cost T^2 (in + out)),
+     or by materialising ``X_i^T D_i`` (cost T in out), whichever is cheaper
+     for the layer's shape; bias ``||sum_t D_i,t||^2``;
+   - LoRA: ``lora_a``'s gradient is ``X^T dZ`` (dZ the cotangent of z),
+     ``lora_b``'s is ``Z^T (scale * D)``;
+   - LayerNorm scale ``||sum_t xhat_i,t * D_i,t||^2``, bias ``||sum_t D_i,t||^2``;
+   - Embed: ``sum_{t,t'} [id_t == id_t'] <D_t, D_t'>`` (ids may repeat: words,
+     and RoBERTa's padding positions), or, for a table with fewer rows than
+     tokens (token types), the per-example [rows, features] gradient.
+3. Clip factors from those norms exactly as `clipping.clip_factors` (global,
+   or elliptical with per-leaf scales; masked rows 0) and, if asked, the norm
+   profile (`clipping.norm_profile`).
+4. Book-keeping: the clipped sum of each leaf straight from the records and
+   the cotangents scaled by the clip factors (``X^T diag(c) D`` per Dense,
+   scatter-add for embeddings), no second backward pass; divided by the scales
+   for elliptical clipping, as `clipping.clipped_sum` does.
+
+The loss is the training loop's (`train.make_example_loss`): softmax cross
+entropy of each example, dropout off. A trainable leaf whose module has no
+hook, or a module applied more than once, is an error, never a silent
+approximation. Everything returned is as private (i.e. not at all) as
+`clipping.clipped_grad_sum`'s result: it must go through `noise.release`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from anadp import clipping as clipping_lib
+from anadp.allocation import Groups
+from anadp.clipping import ClippedSum
+from anadp.models import modeling
+from anadp.models.lora import LORA_SCALE, combine, flatten_params, unflatten_params
+
+KERNEL_NORMS = ("auto", "gram", "direct")
+
+# Hook (perturbation name of the module's output) -> the parameter leaves the
+# engine knows how to differentiate for a module with that hook.
+_LEAVES_BY_HOOK = {
+    modeling.DENSE_OUT: ("kernel", "bias", "lora_a", "lora_b"),
+    modeling.NORM_OUT: ("scale", "bias"),
+    modeling.EMBED_OUT: ("embedding",),
+}
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def _tokens(x: jax.Array) -> jax.Array:
+    """[B, ..., F] -> [B, T, F] (T = 1 for [B, F])."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _use_gram(tokens: int, m: int, n: int, kernel_norm: str) -> bool:
+    if kernel_norm == "auto":
+        return tokens * (m + n) < m * n
+    return kernel_norm == "gram"
+
+
+class _Grams:
+    """Per-example Gram matrices A_i A_i^T [B, T, T] of recorded arrays [B, ..., F],
+    computed once per array: the query, key and value projections record the
+    same input object, so its Gram matrix serves all three (and LoRA's A)."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[jax.Array, jax.Array]] = {}
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        hit = self._cache.get(id(a))
+        if hit is None or hit[0] is not a:
+            t = _tokens(a)
+            hit = (a, jnp.einsum("btf,bsf->bts", t, t, preferred_element_type=jnp.float32))
+            self._cache[id(a)] = hit
+        return hit[1]
+
+
+def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: str) -> jax.Array:
+    """``||a_i^T d_i||_F^2`` for every example i; a: [B, ..., m], d: [B, ..., n]
+    (the middle axes are the tokens)."""
+    a_t, d_t = _tokens(a), _tokens(d)
+    _, tokens, m = a_t.shape
+    n = d_t.shape[-1]
+    if _use_gram(tokens, m, n, kernel_norm):
+        return jnp.sum(grams(a) * grams(d), axis=(1, 2))
+    per_example = jnp.einsum("btm,btn->bmn", a_t, d_t, preferred_element_type=jnp.float32)
+    return jnp.sum(jnp.square(per_example), axis=(1, 2))
+
+
+def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
+    """``sum_i c_i a_i^T d_i`` (one matmul over examples and tokens); a: [B, ..., m],
+    d: [B, ..., n], c: [B]."""
+    a_t, d_t = _tokens(a), _tokens(d)
+    d_t = d_t * c[:, None, None].astype(d_t.dtype)
+    return jnp.einsum("btm,btn->mn", a_t, d_t, preferred_element_type=jnp.float32)
+
+
+def _row_sq_norms(v: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(_f32(v)), axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Per-module rules. Each returns ({leaf: [B] squared norms}, finish) where
+# finish(c) gives {leaf: clipped sum} for clip factors c: [B].
+# ----------------------------------------------------------------------------
+
+
+def _dense_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
+    x = records.get(modeling.DENSE_IN)  # [B, ..., in]
+    d = cotangents.get(modeling.DENSE_OUT)  # [B, ..., out]
+    dz = cotangents.get(modeling.LORA_Z_OUT)  # [B, ..., r]
+    z = records.get(modeling.LORA_Z)  # [B, ..., r]
+    sq: dict[str, jax.Array] = {}
+    if "kernel" in leaves:
+        sq["kernel"] = _product_sq_norms(x, d, grams, kernel_norm)
+    if "bias" in leaves:
+        sq["bias"] = _row_sq_norms(jnp.sum(_f32(_tokens(d)), axis=1))
+    if "lora_a" in leaves:
+        sq["lora_a"] = _product_sq_norms(x, dz, grams, kernel_norm)
+    if "lora_b" in leaves:
+        # y = ... + (z @ lora_b) * scale: the cotangent of z @ lora_b is scale * d.
+        d_b = d * module_params[LORA_SCALE]
+        sq["lora_b"] = _product_sq_norms(z, d_b, grams, kernel_norm)
+
+    def finish(c):
+        out = {}
+        if "kernel" in leaves:
+            out["kernel"] = _weighted_product(x, d, c)
+        if "bias" in leaves:
+            out["bias"] = jnp.sum(_f32(_tokens(d)) * c[:, None, None], axis=(0, 1))
+        if "lora_a" in leaves:
+            out["lora_a"] = _weighted_product(x, dz, c)
+        if "lora_b" in leaves:
+            out["lora_b"] = _weighted_product(z, d_b, c)
+        return out
+
+    return sq, finish
+
+
+def _layer_norm_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
+    del module_params, grams, kernel_norm
+    d = _tokens(cotangents[modeling.NORM_OUT])
+    sq: dict[str, jax.Array] = {}
+    if "scale" in leaves:
+        xhat = _tokens(records[modeling.NORM_XHAT])
+        sq["scale"] = _row_sq_norms(jnp.sum(_f32(xhat) * _f32(d), axis=1))
+    if "bias" in leaves:
+        sq["bias"] = _row_sq_norms(jnp.sum(_f32(d), axis=1))
+
+    def finish(c):
+        dc = _f32(d) * c[:, None, None]
+        out = {}
+        if "scale" in leaves:
+            out["scale"] = jnp.sum(_f32(xhat) * dc, axis=(0, 1))
+        if "bias" in leaves:
+            out["bias"] = jnp.sum(dc, axis=(0, 1))
+        return out
+
+    return sq, finish
+
+
+def _embed_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
+    del kernel_norm
+    rows, features = module_params["embedding"].shape
+    d_raw = cotangents[modeling.EMBED_OUT]  # [B, ..., F]
+    d = _tokens(d_raw)  # [B, T, F]
+    ids = records[modeling.EMBED_IDS]
+    ids = ids.reshape(ids.shape[0], -1)  # [B, T]
+    if rows == 1:  # nn.Embed broadcasts its single row, whatever the ids
+        ids = jnp.zeros_like(ids)
+    tokens = ids.shape[1]
+    if rows < tokens:
+        # Few rows (token types): the per-example [rows, F] gradient is small.
+        one_hot = jax.nn.one_hot(ids, rows, dtype=jnp.float32)
+        per_example = jnp.einsum("btv,btf->bvf", one_hot, _f32(d))
+        sq = jnp.sum(jnp.square(per_example), axis=(1, 2))
+    else:
+        same = ids[:, :, None] == ids[:, None, :]
+        sq = jnp.sum(jnp.where(same, grams(d_raw), 0.0), axis=(1, 2))
+
+    def finish(c):
+        dc = _f32(d) * c[:, None, None]
+        table = jnp.zeros((rows, features), jnp.float32)
+        return {"embedding": table.at[ids.reshape(-1)].add(dc.reshape(-1, features))}
+
+    return {"embedding": sq}, finish
+
+
+_RULES = {
+    modeling.DENSE_OUT: _dense_rule,
+    modeling.NORM_OUT: _layer_norm_rule,
+    modeling.EMBED_OUT: _embed_rule,
+}
+
+
+# ----------------------------------------------------------------------------
+# Planning: which module each trainable leaf belongs to, and what it needs.
+# ----------------------------------------------------------------------------
+
+
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _plan(leaf_paths: list[tuple[str, ...]], perturbation_shapes: Any) -> dict:
+    """{module path: (hook, {leaf name: flat index})}; ValueError for a leaf
+    the engine cannot differentiate."""
+    modules: dict[tuple[str, ...], tuple[str, dict[str, int]]] = {}
+    for index, path in enumerate(leaf_paths):
+        module, leaf = path[:-1], path[-1]
+        node = _subtree(perturbation_shapes, module)
+        hooks = [] if not isinstance(node, Mapping) else [h for h in _LEAVES_BY_HOOK if h in node]
+        hook = next((h for h in hooks if leaf in _LEAVES_BY_HOOK[h]), None)
+        if len(hooks) != 1 or hook is None:
+            raise ValueError(
+                f"ghost clipping cannot differentiate the trainable leaf {'/'.join(path)}: its "
+                f"module records no known ghost hook for {leaf!r} (hooks found: {hooks or 'none'}); "
+                "use the vmap clipping engine or add a hook in anadp/models/modeling.py"
+            )
+        if module not in modules:
+            modules[module] = (hook, {})
+        modules[module][1][leaf] = index
+    return modules
+
+
+def _needed_perturbations(modules: dict) -> list[tuple[str, ...]]:
+    needed = []
+    for module, (hook, leaves) in modules.items():
+        if hook == modeling.DENSE_OUT:
+            if set(leaves) & {"kernel", "bias", "lora_b"}:
+                needed.append(module + (modeling.DENSE_OUT,))
+            if "lora_a" in leaves:
+                needed.append(module + (modeling.LORA_Z_OUT,))
+        else:
+            needed.append(module + (hook,))
+    return needed
+
+
+def _single_record(records: Any, module: tuple[str, ...], name: str) -> jax.Array | None:
+    node = _subtree(records, module)
+    if not isinstance(node, Mapping) or name not in node:
+        return None
+    values = node[name]
+    if len(values) != 1:
+        raise ValueError(
+            f"module {'/'.join(module)} was applied {len(values)} times in one forward pass; "
+            "ghost clipping needs each parameter used once (use the vmap clipping engine)"
+        )
+    return values[0]
+
+
+# ----------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------
+
+
+def _one_pass(
+    model,
+    params,
+    leaf_paths,
+    scale_leaves,
+    batch,
+    mask,
+    *,
+    l2_norm_clip: float,
+    clipping_mode: str,
+    groups: Groups | None,
+    kernel_norm: str,
+) -> tuple[list[jax.Array], jax.Array | None]:
+    """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
+    def apply(variables, mutable):
+        return model.apply(variables, *inputs, deterministic=True, mutable=mutable)
+
+    shapes = jax.eval_shape(lambda p: apply({"params": p}, [modeling.PERTURB])[1], params)
+    shapes = shapes.get(modeling.PERTURB, {})
+    modules = _plan(leaf_paths, shapes)
+    needed = _needed_perturbations(modules)
+    all_zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in flatten_params(shapes).items()}
+    wanted = {k: all_zeros[k] for k in needed}
+
+    def summed_loss(perturbations):
+        variables = {"params": params, modeling.PERTURB: unflatten_params({**all_zeros, **perturbations})}
+        logits, state = apply(variables, [modeling.RECORD])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+        return jnp.sum(losses), state[modeling.RECORD]
+
+    # Only the perturbations are differentiated: activation cotangents, no weight gradients.
+    cotangents, records = jax.grad(summed_loss, has_aux=True)(wanted)
+    cotangents = unflatten_params(cotangents)
+
+    grams = _Grams()
+    sq_norms: list[jax.Array | None] = [None] * len(leaf_paths)
+    finishers: list[tuple[dict[str, int], Callable]] = []
+    for module, (hook, leaves) in modules.items():
+        node = _subtree(records, module) or {}
+        module_records = {
+            name: _single_record(records, module, name) for name in node if not isinstance(node[name], Mapping)
+        }
+        module_cotangents = {
+            k: v for k, v in (_subtree(cotangents, module) or {}).items() if not isinstance(v, Mapping)
+        }
+        sq, finish = _RULES[hook](
+            leaves, module_records, module_cotangents, _subtree(params, module), grams, kernel_norm
+        )
+        for leaf, index in leaves.items():
+            sq_norms[index] = sq[leaf]
+        finishers.append((leaves, finish))
+
+    factors = clipping_lib.clip_factors(
+        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping_mode, mask=mask
+    )
+    sums: list[jax.Array | None] = [None] * len(leaf_paths)
+    for leaves, finish in finishers:
+        out = finish(factors)
+        for leaf, index in leaves.items():
+            s = scale_leaves[index]
+            sums[index] = out[leaf] / s if clipping_mode == "elliptical" else out[leaf]
+    profile = None if groups is None else clipping_lib.norm_profile(sq_norms, groups, mask)
+    return sums, profile
+
+
+def clipped_grad_sum(
+    model,
+    trainable: Any,
+    frozen: Any,
+    batch: Mapping[str, Any],
+    scales: Any,
+    *,
+    l2_norm_clip: float,
+    clipping: str,
+    mask: jax.Array | None = None,
+    microbatch_size: int | None = None,
+    groups: Groups | None = None,
+    dropout: bool = False,
+    kernel_norm: str = "auto",
+) -> ClippedSum:
+    """`clipping.clipped_grad_sum` of the training loop's per-example loss, by
+    ghost norms and book-keeping (see the module docstring).
+
+    Args:
+      model: the `EncoderClassifier`.
+      trainable, frozen: the two halves of `models.partition`.
+      batch: the training loop's batch: input_ids, attention_mask,
+        token_type_ids [B, T] and labels [B].
+      scales: one positive scalar per trainable leaf (elliptical clipping), or None.
+      dropout: must be False (the engine differentiates the deterministic model;
+        per-example dropout needs the vmap engine).
+      kernel_norm: "auto" (per layer, the cheaper of Gram matrices and
+        materialised per-example kernel gradients), "gram" or "direct"
+        (forced, for tests).
+      Other arguments: as for `clipping.clipped_grad_sum`.
+
+    Returns:
+      A ClippedSum equal to `clipping.clipped_grad_sum(train.make_example_loss(model,
+      frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
+    """
+    clipping_lib.check_clipping(clipping)
+    if dropout or "dropout_key" in batch:
+        raise ValueError(
+            "ghost clipping differentiates the deterministic model; training with dropout "
+            "(config.model.dropout) needs train.clipping_engine='vmap'"
+        )
+    if kernel_norm not in KERNEL_NORMS:
+        raise ValueError(f"kernel_norm={kernel_norm!r} is not one of {KERNEL_NORMS}")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+    if not flat:
+        raise ValueError("no trainable parameters")
+    leaf_paths = [tuple(_key(k) for k in path) for path, _ in flat]
+    if scales is None:
+        scale_leaves = [jnp.ones([], jnp.float32)] * len(flat)
+    else:
+        scale_leaves = treedef.flatten_up_to(scales)
+    params = combine(trainable, frozen)
+    batch_size = batch["input_ids"].shape[0]
+    if mask is None:
+        mask = jnp.ones([batch_size], jnp.float32)
+
+    def one(micro_batch, micro_mask):
+        sums, profile = _one_pass(
+            model, params, leaf_paths, scale_leaves, micro_batch, micro_mask,
+            l2_norm_clip=l2_norm_clip, clipping_mode=clipping, groups=groups, kernel_norm=kernel_norm,
+        )
+        return ClippedSum(treedef.unflatten(sums), profile)
+
+    if microbatch_size is None or microbatch_size >= batch_size:
+        return one(batch, mask)
+    if batch_size % microbatch_size:
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
+        )
+    num_micro = batch_size // microbatch_size
+
+    def split(x):
+        x = jnp.asarray(x)
+        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
+
+    def body(total, micro):
+        return total + one(*micro), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable)
+    init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
+    total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
+    return total
+
+
+def _key(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)

@@ -1,0 +1,230 @@
+"""Ghost-norm / book-keeping clipping against the vmap path (`clipping.clipped_grad_sum`
+with the training loop's per-example loss), on tiny random BERT and RoBERTa models."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import anadp.models as M
+from anadp import allocation, clipping, ghost, train
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+RTOL = 1e-5
+ALL_TARGETS = M.LAYER_DENSE_MODULES
+
+
+@functools.cache
+def tiny_model(kind: str, finetune: str, layers: int = 1):
+    """A random model (1 layer unless asked: compilation is most of these tests'
+    time), LoRA on every dense module for full and lora fine-tuning (full then
+    trains kernels and LoRA factors together); every parameter is jittered so
+    that LoRA's B and the biases are not zero."""
+    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune != "bias" else None
+    if kind == "bert":
+        config = M.tiny_bert_config(vocab_size=40)
+    else:
+        with open(os.path.join(FIXTURES, "tiny-roberta", "config.json")) as f:
+            config = json.load(f)
+    config = dict(config, num_hidden_layers=layers)
+    model, params = M.from_config(config, 3, lora=lora, seed=0)
+    rng = np.random.default_rng(1)
+    jitter = lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32) if x.ndim else x  # noqa: E731
+    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(jitter(np.asarray(x))), params)
+
+
+def tiny_batch(kind: str, rows: int = 8, length: int = 12) -> dict:
+    """Padding (a 0 attention mask) in some rows, repeated tokens, two token
+    types for BERT; RoBERTa pads with its pad id, so padding positions repeat."""
+    rng = np.random.default_rng(0)
+    pad = 0 if kind == "bert" else 1
+    ids = rng.integers(3, 40, size=(rows, length)).astype(np.int32)
+    ids[-1, -1] = ids[-1, 1]  # a repeated word in one example
+    attention = np.ones_like(ids)
+    attention[-1, length // 2:] = 0
+    attention[0, 3:] = 0
+    ids = np.where(attention > 0, ids, pad)
+    types = np.zeros_like(ids)
+    if kind == "bert":
+        types[:, 6:] = 1
+        types = types * attention
+    labels = rng.integers(0, 3, size=rows).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types, "labels": labels}
+
+
+# XLA's CPU backend optimisations cost most of these tests' time and nothing of
+# what they check (both engines are compiled alike).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def run_fast(fn, *args):
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+
+
+def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1):
+    """The ghost engine against `clipping.clipped_grad_sum` without microbatches
+    (i.e. `clipped_sum(per_example_grads(...))`), in one compiled program; the
+    clip norm is the median per-example gradient norm (some rows clipped, some not)."""
+    model, params = tiny_model(kind, finetune, layers)
+    trainable, frozen = M.partition(params, finetune)
+    batch = tiny_batch(kind)
+    mask = jnp.asarray(np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)) if use_mask else None
+    groups = None if grouping is None else allocation.make_groups(trainable, grouping)
+    rng = np.random.default_rng(3)
+    scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.5, 2.0)), trainable)
+    loss_fn = train.make_example_loss(model, frozen, False)
+
+    def run(trainable, frozen, batch, scales):
+        per_example = clipping.per_example_grads(loss_fn, trainable, batch)
+        sq_norms = clipping._per_leaf_sq_norms(per_example)
+        if mode == "elliptical":
+            norms = jnp.sqrt(sum(n / jnp.square(s) for n, s in zip(sq_norms, jax.tree_util.tree_leaves(scales))))
+        else:
+            norms = jnp.sqrt(sum(sq_norms))
+        clip = jnp.median(norms)
+        kwargs = dict(l2_norm_clip=clip, clipping=mode, mask=mask, groups=groups)
+        ref = clipping.clipped_sum(per_example, scales, **kwargs)
+        got = ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, microbatch_size=microbatch_size, **kwargs)
+        return norms, clip, ref, got
+
+    norms, clip, ref, got = run_fast(run, trainable, frozen, batch, scales)
+    assert np.min(norms) < clip < np.max(norms) and np.all(np.isfinite(norms))
+    assert_clipped_sums_equal(ref, got, f"{kind}/{finetune}/{mode}")
+
+
+def assert_clipped_sums_equal(ref, got, where):
+    """Every leaf within RTOL of its own largest entry: ||got - ref||_inf <=
+    RTOL * ||ref||_inf. A leaf whose true gradient is zero (the attention key
+    bias: softmax ignores a constant shift of a query's scores) holds rounding
+    noise only, so its yardstick is at least 1e-3 of the largest leaf."""
+    ref_leaves = jax.tree_util.tree_flatten_with_path(ref.grads)[0]
+    got_leaves, got_def = jax.tree_util.tree_flatten(got.grads)
+    assert got_def == jax.tree_util.tree_structure(ref.grads)
+    tree_scale = max(float(np.max(np.abs(np.asarray(x)))) for _, x in ref_leaves)
+    assert tree_scale > 0
+    for (path, a), b in zip(ref_leaves, got_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and b.dtype == np.float32
+        yardstick = max(float(np.max(np.abs(a))), 1e-3 * tree_scale)
+        error = float(np.max(np.abs(a - b)))
+        assert error <= RTOL * yardstick, (where, jax.tree_util.keystr(path), error / yardstick)
+    if ref.profile is None:
+        assert got.profile is None
+    else:
+        np.testing.assert_allclose(np.asarray(got.profile), np.asarray(ref.profile), rtol=RTOL, atol=1e-6)
+
+
+# Each fine-tuning mode meets both clipping modes, both models, masks,
+# microbatches and profiles across the cases.
+@pytest.mark.parametrize(
+    "kind,finetune,mode,microbatch_size,use_mask,grouping,layers",
+    [
+        ("bert", "full", "elliptical", 4, True, "array", 2),
+        ("bert", "lora", "global", None, True, None, 1),
+        ("bert", "bias", "elliptical", 2, False, "layer", 1),
+        ("roberta", "full", "global", None, False, "layer", 1),
+        ("roberta", "lora", "elliptical", 4, True, "layer", 2),
+        ("roberta", "bias", "global", 4, True, None, 1),
+    ],
+)
+def test_ghost_equals_vmap(kind, finetune, mode, microbatch_size, use_mask, grouping, layers):
+    compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
+            layers=layers)
+
+
+def test_both_kernel_norm_methods():
+    """Gram matrices and materialised per-example kernel gradients give the same sums."""
+    model, params = tiny_model("bert", "bias")
+    trainable, frozen = M.partition(params, "full")
+    batch = tiny_batch("bert", rows=4, length=8)
+    loss_fn = train.make_example_loss(model, frozen, False)
+    kwargs = dict(l2_norm_clip=0.1, clipping="global")
+
+    def run(trainable, frozen, batch):
+        return (
+            clipping.clipped_grad_sum(loss_fn, trainable, batch, None, **kwargs),
+            [ghost.clipped_grad_sum(model, trainable, frozen, batch, None, kernel_norm=k, **kwargs)
+             for k in ("gram", "direct")],
+        )
+
+    ref, (gram, direct) = run_fast(run, trainable, frozen, batch)
+    assert_clipped_sums_equal(ref, gram, "gram")
+    assert_clipped_sums_equal(ref, direct, "direct")
+
+
+def test_unknown_trainable_leaf_is_an_error():
+    model, params = tiny_model("bert", "bias")
+    trainable, frozen = M.partition(params, "bias")
+    trainable = dict(trainable, extra={"weight": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="extra/weight"):
+        jax.eval_shape(
+            lambda t: ghost.clipped_grad_sum(model, t, frozen, tiny_batch("bert", 2, 4), None,
+                                             l2_norm_clip=1.0, clipping="global"),
+            trainable,
+        )
+
+
+def test_dropout_is_refused():
+    model, params = tiny_model("bert", "bias")
+    trainable, frozen = M.partition(params, "bias")
+    with pytest.raises(ValueError, match="dropout"):
+        ghost.clipped_grad_sum(model, trainable, frozen, tiny_batch("bert", 2, 4), None,
+                               l2_norm_clip=1.0, clipping="global", dropout=True)
+
+
+def test_hooks_are_inert():
+    """Without the collections the model's outputs and parameters are what they were."""
+    model, params = tiny_model("roberta", "lora")
+    batch = tiny_batch("roberta", 2, 6)
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    plain = model.apply({"params": params}, *args)
+    recorded, state = model.apply({"params": params}, *args, mutable=["intermediates"])
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(recorded))
+    assert "perturbations" not in state and "intermediates" in state
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+    assert jax.tree_util.tree_structure(shapes["params"]) == jax.tree_util.tree_structure(params)
+
+
+def test_training_step_with_ghost_engine_equals_vmap_engine():
+    """`train.clipping_engine` picks the engine inside the training loop's step."""
+    from configs import base
+
+    model, params = tiny_model("roberta", "lora")
+    trainable, frozen = M.partition(params, "lora")
+    batch = tiny_batch("roberta", rows=4, length=8)
+    mask = jnp.asarray([1.0, 0.0, 1.0, 1.0])
+    out = {}
+    for engine in train.CLIPPING_ENGINES:
+        config = base.get_config()
+        config.privacy.importance = "private_profile"
+        config.privacy.l2_norm_clip = 0.05
+        config.train.microbatch_size = 2
+        config.train.clipping_engine = engine
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=4.0)
+        fns = train.make_step_functions(model, mechanism, train.make_optimizer(config.train, 10), config)
+        scales = jax.tree_util.tree_map(lambda x: jnp.float32(0.5 + np.size(x) % 3), trainable)
+        args = (trainable, frozen, scales, batch, mask)
+        out[engine] = fns.accumulate.lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
+    assert out["ghost"].profile is not None
+    assert_clipped_sums_equal(out["vmap"], out["ghost"], "train step")
+
+
+def test_config_validation_of_the_engine():
+    from configs import base
+
+    config = base.get_config()
+    assert config.train.clipping_engine == "vmap"
+    train.validate_config(config)
+    config.train.clipping_engine = "ghost"
+    train.validate_config(config)
+    config.model.dropout = True
+    with pytest.raises(ValueError, match="clipping_engine"):
+        train.validate_config(config)
+    config.model.dropout = False
+    config.train.clipping_engine = "fast"
+    with pytest.raises(ValueError, match="clipping_engine"):
+        train.validate_config(config)
