@@ -217,11 +217,12 @@ def test_config_validation_of_the_engine():
     from configs import base
 
     config = base.get_config()
-    assert config.train.clipping_engine == "vmap"
+    assert config.train.clipping_engine == "ghost"
     train.validate_config(config)
-    config.train.clipping_engine = "ghost"
-    train.validate_config(config)
+    config.train.clipping_engine = "vmap"
     config.model.dropout = True
+    train.validate_config(config)  # dropout works with per-example gradients
+    config.train.clipping_engine = "ghost"
     with pytest.raises(ValueError, match="clipping_engine"):
         train.validate_config(config)
     config.model.dropout = False

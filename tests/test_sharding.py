@@ -67,7 +67,10 @@ WORKER = textwrap.dedent(
     def config(dropout):
         c = ml_collections.ConfigDict()
         c.model = ml_collections.ConfigDict({"dropout": dropout})
-        c.train = ml_collections.ConfigDict({"microbatch_size": micro})
+        # dropout needs per-example gradients (vmap); otherwise the default ghost engine
+        c.train = ml_collections.ConfigDict(
+            {"microbatch_size": micro, "clipping_engine": "vmap" if dropout else "ghost"}
+        )
         return c
 
     def run(name, mechanism, dropout, steps=3, accumulate=None):
