@@ -283,31 +283,18 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
         engine = config.train.clipping_engine  # checked by validate_config
 
         def accumulate(trainable, frozen, scales, batch, mask):
+            clip_args = {
+                "l2_norm_clip": mechanism.l2_norm_clip,
+                "clipping": mechanism.clipping,
+                "mask": mask,
+                "microbatch_size": microbatch,
+                "groups": mechanism.profile_groups(trainable),
+            }
             if engine == "ghost":
                 # Ghost norms + book-keeping: no per-example gradients of large matrices.
-                return ghost.clipped_grad_sum(
-                    model,
-                    trainable,
-                    frozen,
-                    batch,
-                    scales,
-                    l2_norm_clip=mechanism.l2_norm_clip,
-                    clipping=mechanism.clipping,
-                    mask=mask,
-                    microbatch_size=microbatch,
-                    groups=mechanism.profile_groups(trainable),
-                )
-            return clipped_grad_sum(
-                make_example_loss(model, frozen, config.model.dropout),
-                trainable,
-                batch,
-                scales,
-                l2_norm_clip=mechanism.l2_norm_clip,
-                clipping=mechanism.clipping,
-                mask=mask,
-                microbatch_size=microbatch,
-                groups=mechanism.profile_groups(trainable),
-            )
+                return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, **clip_args)
+            loss_fn = make_example_loss(model, frozen, config.model.dropout)
+            return clipped_grad_sum(loss_fn, trainable, batch, scales, **clip_args)
 
         def apply(state, summed, realised_count):
             del realised_count  # DP: the denominator is the expected batch size, never this
