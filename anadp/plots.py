@@ -81,11 +81,16 @@ def layer_matrix_grid(values: dict[str, float]) -> tuple[np.ndarray, list[str], 
     return grid, rows, [str(i) for i in range(grid.shape[1])]
 
 
-def _draw(ax, grid, rows, cols, center: float | None, vmin=None, vmax=None, annotate=True):
+def _log_spread(values: np.ndarray, center: float) -> float:
+    """Largest |log(v / center)| over the positive values (a symmetric log colour range)."""
+    positive = np.where(values > 0, values, np.nan)
+    spread = np.nanmax(np.abs(np.log(positive / center))) if np.isfinite(positive).any() else 0.1
+    return spread if np.isfinite(spread) and spread > 0 else 0.1
+
+
+def _draw(ax, grid, rows, cols, center: float | None, vmin=None, vmax=None, annotate=True, spread=None):
     if center is not None:
-        positive = np.where(grid > 0, grid, np.nan)
-        spread = np.nanmax(np.abs(np.log(positive / center))) if np.isfinite(positive).any() else 1.0
-        spread = spread if np.isfinite(spread) and spread > 0 else 0.1
+        spread = _log_spread(grid, center) if spread is None else spread
         from matplotlib.colors import LogNorm
 
         image = ax.imshow(grid, cmap="coolwarm", aspect="auto",
@@ -125,14 +130,14 @@ def plot_group_heatmap_over_time(
     rows = grids[0][1]
     fig, axes = plt.subplots(1, len(picks), figsize=(2.0 + 2.6 * len(picks), 1.0 + 0.3 * len(rows)), squeeze=False)
     for ax, i, (grid, r, c) in zip(axes[0], picks, grids):
-        if center is not None:
-            image = _draw(ax, grid, r, c, center, annotate=False)
+        if center is not None:  # one colour scale for every panel, so they compare
+            image = _draw(ax, grid, r, c, center, annotate=False, spread=_log_spread(finite, center))
         else:
             image = _draw(ax, grid, r, c, None, vmin=vmin, vmax=vmax, annotate=False)
         ax.set_title(f"step {snapshots[i][0]}", fontsize=8)
         if ax is not axes[0][0]:
             ax.set_yticks([])
     fig.colorbar(image, ax=list(axes[0]))
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.04)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
