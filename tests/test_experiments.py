@@ -39,7 +39,7 @@ def test_dry_run_rt_main_commands(tmp_path, capsys):
     commands, _ = dry_run(capsys, "rt_main", "--seeds=0", f"--root={tmp_path}")
     names = [c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1] for c in commands]
     assert names == [
-        "rotten_tomatoes-lora-non_private-seed0",
+        "rotten_tomatoes-lora-non_private-learning_rate0.002-seed0",
         "rotten_tomatoes-lora-dp_sgd-eps1-seed0",
         "rotten_tomatoes-lora-dp_sgd-eps3-seed0",
         "rotten_tomatoes-lora-dp_sgd-eps8-seed0",
@@ -62,8 +62,9 @@ def test_grid_sizes_and_names_are_unique():
     assert counts["rt_literal"] == 3 * (3 + 3)
     assert counts["rt_profile"] == 3 * (1 + 4 * 3)
     full = [c.name for c in grid.plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
-    assert full == ["sst2-full-non_private-seed0", "sst2-full-dp_sgd-eps3-seed0",
-                    "sst2-full-anadp-elementwise-g0.5-r2-eps3-seed0"]
+    assert full == ["sst2-full-non_private-learning_rate0.0001-seed0",
+                    "sst2-full-dp_sgd-learning_rate0.0001-eps3-seed0",
+                    "sst2-full-anadp-elementwise-g0.5-r2-learning_rate0.0001-eps3-seed0"]
     literal = grid.plan("rt_literal", "/tmp/unused", seeds=(1,), only=["anadp"])
     assert [c.name for c in literal][1] == "rotten_tomatoes-lora-anadp-global-elementwise-g0.5-r2-eps3-seed1"
     assert literal[1].overrides["privacy.clipping"] == "global"
