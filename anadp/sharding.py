@@ -119,23 +119,6 @@ def put_batch(
     return treedef.unflatten([assemble(i) for i in range(treedef.num_leaves)])
 
 
-def shard_batch(tree: Any) -> Any:
-    """Splits arrays whose leading axis is the batch over the devices.
-
-    Every process passes the same full arrays; each places only its devices'
-    rows. The leading axis must be a multiple of the device count.
-    """
-    if num_devices() == 1:
-        return tree
-    sharding = batch_sharding()
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
 def replicate(tree: Any) -> Any:
     """Places the same copy of `tree` on every device (of every process).
 
