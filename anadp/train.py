@@ -488,7 +488,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     mechanism = None
     noise_multiplier = None
-    ledger = accounting.PrivacyLedger(p.accountant)
+    reference = None  # the ledger's anchor: the effective multiplier at uniform scales
     if private:
         profile_ratio = p.profile_noise_ratio if (p.method == "anadp" and p.importance == "private_profile") else None
         if p.noise_multiplier > 0:
@@ -499,12 +499,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 profile_noise_ratio=profile_ratio,
             )
         mechanism = _mechanism(config, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
-        ledger = accounting.PrivacyLedger(
-            p.accountant,
-            reference_noise_multiplier=accounting.effective_noise_multiplier(
-                noise_multiplier, [1.0], mechanism.clipping, mechanism.profile_noise_multiplier
-            ),
+        reference = accounting.effective_noise_multiplier(
+            noise_multiplier, [1.0], mechanism.clipping, mechanism.profile_noise_multiplier
         )
+    ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference)
 
     optimizer = make_optimizer(t, total_steps)
     state = TrainState(
@@ -541,7 +539,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     last_eval: dict = {}
     epsilon_now = ledger.epsilon(delta) if private else 0.0
-    progress = _progress(total_steps, start_step)
+    progress = _ProgressBar(total_steps, start_step)
     for step in range(start_step, total_steps):
         summed = None
         realised = 0
@@ -634,7 +632,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-class _progress:
+class _ProgressBar:
     """A tqdm bar showing step, dev loss, epsilon so far and the last dev metric."""
 
     def __init__(self, total: int, initial: int):
