@@ -7,10 +7,14 @@ Each method runs the training loop's own jitted functions (`train.make_step_func
 one pass over a physical batch (`accumulate`: per-example gradients, clipping and
 summing microbatch by microbatch; for non-private training the plain batch
 gradient) followed by `apply` (noise, importance, allocation and the optimiser).
-Step time is the median over `--repeats` steps after a warm-up step; compile time is
-measured separately. Peak memory is XLA's own account of the compiled step
-(arguments + outputs + temporaries, largest of the two functions), which is
-comparable across methods in one process and between CPU and GPU.
+Step time is the median over `--repeats` steps after a warm-up step, the methods'
+steps interleaved round-robin so that all of them see the same machine; compile
+time is measured separately. Peak memory is the step's resident device memory
+by XLA's own account: the larger of (a pass: its arguments, outputs and
+temporaries, plus the optimiser and mechanism states and, for several passes,
+the running sum) and (the update: the same for `apply`, plus the frozen
+parameters). It is comparable across methods in one process and between CPU
+and GPU.
 
 `--logical_batch_size` > batch_size runs the step as the training loop does
 for a large expected batch: several passes of `batch_size` rows accumulated
@@ -46,7 +50,7 @@ flags.DEFINE_integer("microbatch_size", 32, "rows per vmap inside a pass")
 flags.DEFINE_enum("engine", "vmap", ["vmap", "ghost"], "DP clipping engine (config train.clipping_engine)")
 flags.DEFINE_integer("logical_batch_size", 0, "> batch_size: accumulate this many rows per update")
 flags.DEFINE_list("methods", ["non_private", "dp_sgd", "anadp"], "methods to time")
-flags.DEFINE_integer("repeats", 5, "timed steps per method (median reported)")
+flags.DEFINE_integer("repeats", 9, "timed steps per method (median reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype")
 flags.DEFINE_bool("sst2_throughput", False, "also measure SST-2 examples/s with and without length buckets")
 flags.DEFINE_string("out", "bench.json", "JSON output; a Markdown table is written beside it (.md)")
@@ -90,12 +94,16 @@ def compiled_bytes(jitted, *args) -> int:
     )
 
 
+def tree_bytes(tree) -> int:
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes")))
+
+
 def block(tree):
     return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def time_method(method, model, params, batches, args) -> dict:
-    """Compile time, median step time and peak memory of one method's step."""
+def prepare_method(method, model, params, batches, args) -> dict:
+    """Compiles one method's step; returns its step closure, compile time and peak memory."""
     config = make_config(method, args["batch_size"], args["microbatch_size"], args["engine"])
     trainable, frozen = models.partition(params, args["finetune"])
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # `apply` donates its state
@@ -106,36 +114,59 @@ def time_method(method, model, params, batches, args) -> dict:
     fns = train.make_step_functions(model, mechanism, optimizer, config)
     state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable) if mechanism else ())
     mask = jnp.ones(args["batch_size"], jnp.float32)
+    holder = {"state": state}
 
-    def one_step(state, step_batches):
+    def one_step():
+        state = holder["state"]
         summed = None
-        for batch in step_batches:
+        for batch in batches:
             scales = mechanism.clip_scales(state.mechanism) if mechanism else None
             part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
             summed = part if summed is None else summed + part
-        return block(fns.apply(state, summed, jnp.float32(args["logical"])))
+        holder["state"] = block(fns.apply(state, summed, jnp.float32(args["logical"])))
 
     scales = mechanism.clip_scales(state.mechanism) if mechanism else None
     t0 = time.perf_counter()
-    memory = compiled_bytes(fns.accumulate, state.trainable, frozen, scales, batches[0], mask)
+    accumulate_bytes = compiled_bytes(fns.accumulate, state.trainable, frozen, scales, batches[0], mask)
     summed = block(fns.accumulate(state.trainable, frozen, scales, batches[0], mask))
-    memory = max(memory, compiled_bytes(fns.apply, state, summed, jnp.float32(1.0)))
+    apply_bytes = compiled_bytes(fns.apply, state, summed, jnp.float32(1.0))
     compile_time = time.perf_counter() - t0
-    state = one_step(state, batches)  # warm-up (also compiles apply)
-    times = []
-    for _ in range(args["repeats"]):
-        t0 = time.perf_counter()
-        state = one_step(state, batches)
-        times.append(time.perf_counter() - t0)
-    step_time = statistics.median(times)
-    return {
-        "step_time_s": step_time,
-        "step_time_spread_s": [min(times), max(times)],
-        "compile_time_s": compile_time,
-        "peak_memory_bytes": memory,
-        "examples_per_s": args["logical"] / step_time,
-        "time_per_example_s": step_time / args["logical"],
-    }
+    # What stays resident while each function runs without being one of its
+    # arguments: the optimiser and mechanism states during a pass (plus the running
+    # sum when a step takes several passes), the frozen parameters during `apply`.
+    held_during_passes = tree_bytes((state.opt_state, state.mechanism)) + (
+        tree_bytes(summed) if len(batches) > 1 else 0
+    )
+    memory = max(accumulate_bytes + held_during_passes, apply_bytes + tree_bytes(frozen))
+    one_step()  # warm-up (also compiles apply)
+    return {"step": one_step, "compile_time_s": compile_time, "peak_memory_bytes": memory}
+
+
+def time_methods(prepared: dict, repeats: int, logical: int) -> dict:
+    """Median step time of each method, the methods' steps interleaved round-robin.
+
+    Interleaving puts every method under the same machine conditions (other load,
+    clock changes), so the ratios between methods are what this benchmark reports
+    most reliably; running one method's repeats after another's does not.
+    """
+    times = {method: [] for method in prepared}
+    for _ in range(repeats):
+        for method, p in prepared.items():
+            t0 = time.perf_counter()
+            p["step"]()
+            times[method].append(time.perf_counter() - t0)
+    results = {}
+    for method, p in prepared.items():
+        step_time = statistics.median(times[method])
+        results[method] = {
+            "step_time_s": step_time,
+            "step_time_spread_s": [min(times[method]), max(times[method])],
+            "compile_time_s": p["compile_time_s"],
+            "peak_memory_bytes": p["peak_memory_bytes"],
+            "examples_per_s": logical / step_time,
+            "time_per_example_s": step_time / logical,
+        }
+    return results
 
 
 def sst2_throughput(model, params, args) -> dict:
@@ -236,10 +267,13 @@ def main(argv):
         ),
         "methods": {},
     }
+    prepared = {}
     for method in FLAGS.methods:
-        print(f"timing {method} ...", file=sys.stderr, flush=True)
-        results["methods"][method] = time_method(method, model, params, batches, args)
-        print(json.dumps({method: results["methods"][method]}), file=sys.stderr, flush=True)
+        print(f"compiling {method} ...", file=sys.stderr, flush=True)
+        prepared[method] = prepare_method(method, model, params, batches, args)
+    print(f"timing {', '.join(FLAGS.methods)}, interleaved, {FLAGS.repeats} rounds ...", file=sys.stderr, flush=True)
+    results["methods"] = time_methods(prepared, FLAGS.repeats, args["logical"])
+    print(json.dumps(results["methods"]), file=sys.stderr, flush=True)
     if FLAGS.sst2_throughput:
         results["sst2"] = sst2_throughput(model, params, args)
     # the JSON maps each method to its numbers; run metadata sits under "_meta"

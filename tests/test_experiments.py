@@ -292,3 +292,27 @@ def test_heatmap_from_metrics(tmp_path):
     empty.mkdir()
     (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval": {}}) + "\n")
     assert heatmap.main([f"--workdir={empty}"]) == 2
+
+
+# --- benchmark ---------------------------------------------------------------------
+
+
+def test_benchmark_writes_every_method_and_counts_resident_state(tmp_path):
+    """The benchmark's JSON and table, on tiny-bert (no timing is asserted)."""
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    args = [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--model=tiny-bert",
+            "--batch_size=4", "--seq_len=8", "--finetune=full", "--microbatch_size=2", "--engine=ghost",
+            "--logical_batch_size=8", "--repeats=1", f"--out={out}"]
+    subprocess.run(args, check=True, capture_output=True, cwd=ROOT, timeout=600)
+    results = json.loads(out.read_text())
+    for method in ("non_private", "dp_sgd", "anadp"):
+        for key in ("step_time_s", "compile_time_s", "peak_memory_bytes", "time_per_example_s"):
+            assert results[method][key] > 0, (method, key)
+    assert results["_meta"]["args"]["logical"] == 8
+    # ANADP's elementwise EMAs (two trees the size of the trainable params) stay
+    # resident during each pass, so its peak must exceed DP-SGD's by at least that.
+    two_emas = 2 * 4 * results["_meta"]["num_trainable_params"]
+    assert results["anadp"]["peak_memory_bytes"] >= results["dp_sgd"]["peak_memory_bytes"] + two_emas
+    assert "| anadp |" in (tmp_path / "bench.md").read_text()
