@@ -530,30 +530,14 @@ def make_auditor(run: CanaryRun) -> Auditor:
     return Auditor(baseline, weights, signal)
 
 
-def canary_scores(
-    run: CanaryRun,
-    key: jax.Array,
-    num_trials: int,
-    *,
-    canary_present: bool,
-    chunk_size: int = 256,
-    auditor: Auditor | None = None,
-) -> np.ndarray:
-    """Runs `num_trials` independent runs of T releases and returns the auditor's scores.
+def _run_trials(run, auditor, key, num_trials, canary_present, chunk_size):
+    """The auditor's scores of `num_trials` independent runs of T releases.
 
     Each trial draws its own noise (and, when present, the canary's Poisson
-    inclusion at every step) from `key`; the auditor's score is computed from
-    the releases only. Trials are vectorised with `jax.vmap`, `chunk_size` at a
-    time, with a `lax.map` over steps; runs of the same clipping mode, group
-    sizes, batch rows and T share one compilation.
+    inclusion at every step) from `key`; the score is computed from the releases
+    only. Trials are vectorised with `jax.vmap`, `chunk_size` at a time, with a
+    `lax.map` over steps.
     """
-    if num_trials < 1:
-        raise ValueError(f"num_trials={num_trials} must be >= 1")
-    auditor = make_auditor(run) if auditor is None else auditor
-    return _run_trials(run, auditor, key, num_trials, canary_present, chunk_size)
-
-
-def _run_trials(run, auditor, key, num_trials, canary_present, chunk_size):
     chunk_size = max(1, min(chunk_size, num_trials))
     num_chunks = -(-num_trials // chunk_size)
     keys = jax.random.split(key, num_chunks * chunk_size).reshape(num_chunks, chunk_size, -1)

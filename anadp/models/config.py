@@ -139,12 +139,6 @@ class ModelConfig:
             kwargs[name] = value
         return cls(model_type=model_type, **kwargs)
 
-    def to_hf_dict(self) -> dict:
-        """A ``config.json``-style dict (what ``from_hf`` reads back)."""
-        d = dataclasses.asdict(self)
-        d["position_embedding_type"] = "absolute"
-        return d
-
 
 def check_max_length(max_length: int, model_config: Any) -> int:
     """``max_length`` if the model can take sequences that long, else ValueError.
