@@ -102,18 +102,27 @@ def block(tree):
     return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def prepare_method(method, model, params, batches, args) -> dict:
-    """Compiles one method's step; returns its step closure, compile time and peak memory."""
+def build_step(method, model, params, args, expected_batch_size: float):
+    """One method's compiled step functions and a fresh state to feed them.
+
+    Returns (fns, state, frozen, mechanism, mask); mechanism is None for non_private.
+    """
     config = make_config(method, args["batch_size"], args["microbatch_size"], args["engine"])
     trainable, frozen = models.partition(params, args["finetune"])
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # `apply` donates its state
     optimizer = train.make_optimizer(config.train, total_steps=1000)
     mechanism = None
     if method != "non_private":
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=float(args["logical"]))
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=expected_batch_size)
     fns = train.make_step_functions(model, mechanism, optimizer, config)
     state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable) if mechanism else ())
     mask = jnp.ones(args["batch_size"], jnp.float32)
+    return fns, state, frozen, mechanism, mask
+
+
+def prepare_method(method, model, params, batches, args) -> dict:
+    """Compiles one method's step; returns its step closure, compile time and peak memory."""
+    fns, state, frozen, mechanism, mask = build_step(method, model, params, args, float(args["logical"]))
     holder = {"state": state}
 
     def one_step():
@@ -178,14 +187,7 @@ def sst2_throughput(model, params, args) -> dict:
     buckets = train.parse_buckets(base.get_config().data.bucket_lengths)
     out = {}
     for label, use_buckets in (("bucketed", True), ("fixed_length", False)):
-        config = make_config("dp_sgd", args["batch_size"], args["microbatch_size"], args["engine"])
-        trainable, frozen = models.partition(params, args["finetune"])
-        trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-        optimizer = train.make_optimizer(config.train, total_steps=1000)
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=float(args["batch_size"]))
-        fns = train.make_step_functions(model, mechanism, optimizer, config)
-        state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable))
-        mask = jnp.ones(args["batch_size"], jnp.float32)
+        fns, state, frozen, _, mask = build_step("dp_sgd", model, params, args, float(args["batch_size"]))
         # warm every bucket so compilation is not timed
         draws = [rng.choice(len(task.train["labels"]), args["batch_size"], replace=False) for _ in range(12)]
         lengths = [
