@@ -34,9 +34,14 @@ Collect one or more roots (comma-separated or repeated --root):
         --out=experiments/results/rt_main
 
 writes `<out>.csv` (one row per finished cell), `<out>.md` (mean +- sd over
-seeds per setting, and the paired difference ANADP - DP-SGD at the same task,
-model, fine-tuning, target epsilon, steps and seed) and
-`<out>_accuracy_vs_epsilon.png`.
+seeds per setting, the paired difference ANADP - DP-SGD at the same task,
+model, fine-tuning, target epsilon, steps and seed, and ANADP's final noise
+scales and importance/|theta| correlation), `<out>_accuracy_vs_epsilon.png`
+and, when ANADP ran at several gammas, `<out>_sweep.png`. Grids that share a
+root are told apart with --grid:
+
+    python experiments/grid.py collect --root=experiments/results/runs/rt_main \
+        --grid=rt_sweep --out=experiments/results/rt_sweep
 
 Cell names: `<task>-<finetune>-<method>[-global][-<importance>-g<gamma>-r<rho>]
 -eps<target>-seed<seed>` (non-private cells have no epsilon; `sigma<z>`
@@ -466,7 +471,8 @@ def run_grid(cells: list[Cell], root: str, *, parallel: int = 1, runner=execute,
 CSV_COLUMNS = [
     "cell", "task", "model", "finetune", "method", "clipping", "importance", "gamma", "rho",
     "target_epsilon", "epsilon", "dp_sgd_epsilon_same_sigma", "noise_multiplier", "seed",
-    "main_metric", "main_metric_value", "steps", "wall_time_s", "command", "workdir",
+    "main_metric", "main_metric_value", "importance_weight_corr", "noise_scale_min", "noise_scale_max",
+    "steps", "wall_time_s", "command", "workdir",
 ]
 
 
@@ -486,6 +492,41 @@ def _command_log(root: str) -> dict[str, str]:
 
 def _none_if_missing(x):
     return None if x is None or x == "" else x
+
+
+def last_allocation(workdir: str) -> dict:
+    """ANADP's allocation at the last logged step of a run: the rank correlation of its
+    importance with the groups' mean |theta| and the range of its per-group noise scales
+    (empty for methods that log neither)."""
+    last = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                record = json.loads(line)
+                if "noise_scales" in record:
+                    last = record
+    except (OSError, ValueError):
+        return {}
+    scales = list(last.get("noise_scales", {}).values())
+    return {
+        "importance_weight_corr": last.get("importance_weight_corr"),
+        "noise_scale_min": min(scales) if scales else None,
+        "noise_scale_max": max(scales) if scales else None,
+    }
+
+
+def setting_name(cell: str) -> str:
+    """A cell's name without its seed: the setting it is one seed of."""
+    head, sep, tail = cell.rpartition("-seed")
+    return head if sep and tail.isdigit() else cell
+
+
+def grid_settings(grids: list[str]) -> set[str]:
+    """The settings (cell names without seed) of the named grids, as defined in GRIDS."""
+    unknown = [g for g in grids if g not in GRIDS]
+    if unknown:
+        raise ValueError(f"unknown grid {', '.join(unknown)}; grids: {', '.join(GRIDS)}")
+    return {setting_name(cell.name) for g in grids for cell in plan(g, os.path.join(REPO, "unused"), seeds=(0,))}
 
 
 def load_rows(roots: list[str]) -> list[dict]:
@@ -528,6 +569,8 @@ def load_rows(roots: list[str]) -> list[dict]:
                 "seed": s.get("seed"),
                 "main_metric": metric,
                 "main_metric_value": s["eval"][metric],
+                "importance_weight_corr": None, "noise_scale_min": None, "noise_scale_max": None,
+                **(last_allocation(workdir) if anadp else {}),
                 "steps": s.get("steps"),
                 "wall_time_s": s.get("wall_time_s"),
                 "command": command,
@@ -570,6 +613,18 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, sd
 
 
+def _allocation_summary(members: list[dict]) -> dict:
+    """Over a setting's seeds: mean final importance/|theta| correlation, full range of final noise scales."""
+    corrs = [float(r["importance_weight_corr"]) for r in members if r.get("importance_weight_corr") is not None]
+    lows = [float(r["noise_scale_min"]) for r in members if r.get("noise_scale_min") is not None]
+    highs = [float(r["noise_scale_max"]) for r in members if r.get("noise_scale_max") is not None]
+    return {
+        "importance_weight_corr_mean": _mean_sd(corrs)[0] if corrs else None,
+        "noise_scale_min": min(lows) if lows else None,
+        "noise_scale_max": max(highs) if highs else None,
+    }
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and sample sd over seeds per setting, and ANADP - DP-SGD paired on the seed."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -598,6 +653,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "seeds": [r["seed"] for r in members], "n": len(members), "mean": mean, "sd": sd,
             "epsilon_mean": eps_mean,
             "dp_sgd_epsilon_same_sigma_mean": _mean_sd(same_sigma)[0] if same_sigma else None,
+            **_allocation_summary(members),
             "diff_mean": None, "diff_sd": None, "n_pairs": 0,
         }
         if method == "anadp":
@@ -639,7 +695,9 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: st
         "Dev-set main metric (×100), mean ± sample sd over seeds; ANADP − DP-SGD is the paired difference "
         "at the same task, model, fine-tuning, target epsilon, steps and seed (×100, mean ± sd over pairs). "
         "Target ε is what the noise multiplier was calibrated to; reported ε is what the run's ledger spent "
-        "(for privacy.clipping=global, above the target; DP-SGD's claim at that sigma is in parentheses).",
+        "(for privacy.clipping=global, above the target; DP-SGD's claim at that sigma is in parentheses). "
+        "ANADP's allocation at its last logged step: the range of its per-group noise scales over all seeds, "
+        "and the Spearman correlation of its importance with the groups' mean |θ| (mean over seeds).",
         "",
         f"{num_rows} runs from: " + ", ".join(f"`{_root_for_commands(r)}`" for r in roots),
         "",
@@ -648,7 +706,7 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: st
     show_model = len(models) > 1
     header = ["task"] + (["model"] if show_model else []) + [
         "finetune", "steps", "method", "ANADP settings", "target ε", "reported ε", "metric", "mean ± sd", "n",
-        "ANADP − DP-SGD", "pairs"]
+        "ANADP − DP-SGD", "pairs", "final noise scales", "corr(importance, |θ|)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for a in aggregates:
@@ -665,6 +723,9 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: st
             _pm(a["mean"], a["sd"]), str(a["n"]),
             _pm(a["diff_mean"], a["diff_sd"]) if a["n_pairs"] else "–",
             str(a["n_pairs"]) if a["method"] == "anadp" else "–",
+            (f"{a['noise_scale_min']:.2f}–{a['noise_scale_max']:.2f}" if a["noise_scale_min"] is not None
+             else "–"),
+            f"{a['importance_weight_corr_mean']:.2f}" if a["importance_weight_corr_mean"] is not None else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if figure:
@@ -739,24 +800,87 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def collect(roots: list[str], out: str) -> list[dict]:
-    """Writes <out>.csv, <out>.md and <out>_accuracy_vs_epsilon.png; returns the aggregates."""
+def _sweeps(aggregates: list[dict]) -> dict[tuple, list[dict]]:
+    """ANADP settings that differ in gamma at one (task, model, finetune, budget, steps): the sweeps to plot."""
+    panels: dict[tuple, list[dict]] = defaultdict(list)
+    for a in aggregates:
+        if a["method"] == "anadp" and a["budget"]:
+            panels[(a["task"], a["model"], a["finetune"], a["budget"], a["steps"])].append(a)
+    return {k: v for k, v in panels.items() if len({float(a["gamma"]) for a in v}) > 1}
+
+
+def plot_sweep(aggregates: list[dict], path: str) -> bool:
+    """Metric against gamma, one line per (clipping, importance, rho), DP-SGD at the same budget as a
+    band (mean ± sd over its seeds); one panel per budget. Returns False (and draws nothing) without a sweep."""
+    sweeps = _sweeps(aggregates)
+    if not sweeps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = {(a["task"], a["model"], a["finetune"], a["budget"], a["steps"]): a
+                 for a in aggregates if a["method"] == "dp_sgd"}
+    keys = sorted(sweeps)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        task, model, finetune, bud, steps = key
+        base = baselines.get(key)
+        if base is not None:
+            sd = base["sd"] if math.isfinite(base["sd"]) else 0.0
+            ax.axhspan(base["mean"] - sd, base["mean"] + sd, color="0.5", alpha=0.2)
+            ax.axhline(base["mean"], color="0.3", ls="--", lw=1.2, label=f"DP-SGD (n={base['n']})")
+        lines: dict[tuple, list[dict]] = defaultdict(list)
+        for a in sweeps[key]:
+            lines[(a["clipping"], a["importance"], float(a["rho"]))].append(a)
+        for (clipping, importance, rho), points in sorted(lines.items()):
+            points = sorted(points, key=lambda a: float(a["gamma"]))
+            ns = sorted({a["n"] for a in points})
+            label = f"{importance}, ρ={_num(rho)}" + ("" if clipping == "elliptical" else f", {clipping}")
+            ax.errorbar([float(a["gamma"]) for a in points], [a["mean"] for a in points],
+                        yerr=[a["sd"] if math.isfinite(a["sd"]) else 0.0 for a in points],
+                        marker="o", ms=4, capsize=3, label=f"{label} (n={'/'.join(map(str, ns))})")
+        budget_text = f"ε={_num(bud[1])}" if bud[0] == "eps" else f"σ={_num(bud[1])}"
+        ax.set_xlabel("γ (< 0: less noise where the gradient is large; > 0: the paper's direction)")
+        ax.set_ylabel(f"dev {sweeps[key][0]['main_metric']}")
+        ax.set_title(f"ANADP sweep, {task} / {finetune}, {budget_text}\n{model}, {steps} steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def collect(roots: list[str], out: str, grids: list[str] | None = None) -> list[dict]:
+    """Writes <out>.csv, <out>.md, <out>_accuracy_vs_epsilon.png and, when the runs hold a gamma
+    sweep, <out>_sweep.png; returns the aggregates. With `grids`, only those grids' settings count."""
     roots = [os.path.abspath(r) for r in roots]
     missing = [r for r in roots if not os.path.isdir(r)]
     if missing:
         raise ValueError(f"no such root: {', '.join(missing)}")
     rows = load_rows(roots)
+    if grids:
+        wanted = grid_settings(grids)
+        rows = [r for r in rows if setting_name(r["cell"]) in wanted]
     if not rows:
-        raise ValueError(f"no summary.json under {', '.join(roots)}")
+        raise ValueError(f"no summary.json under {', '.join(roots)}" + (f" from grid {', '.join(grids)}"
+                                                                        if grids else ""))
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     aggregates = aggregate(rows)
     write_csv(rows, out + ".csv")
     figure = out + "_accuracy_vs_epsilon.png"
     plot_accuracy_vs_epsilon(aggregates, figure)
+    sweep = out + "_sweep.png"
+    has_sweep = plot_sweep(aggregates, sweep)
     with open(out + ".md", "w") as f:
         f.write(markdown(aggregates, roots, len(rows), os.path.basename(figure)))
-    print(f"{len(rows)} runs, {len(aggregates)} settings: wrote {out}.csv, {out}.md, {figure}")
+        if has_sweep:
+            f.write(f"\n![ANADP sweep against gamma]({os.path.basename(sweep)})\n")
+    print(f"{len(rows)} runs, {len(aggregates)} settings: wrote {out}.csv, {out}.md, {figure}"
+          + (f", {sweep}" if has_sweep else ""))
     return aggregates
 
 
@@ -784,11 +908,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="a folder of runs (searched recursively); comma-separated or repeated")
         p.add_argument("--out", default=None,
                        help="output prefix (default experiments/results/<name of the first root>)")
+        p.add_argument("--grid", action="append", default=None,
+                       help="keep only these grids' settings (comma-separated or repeated), e.g. when "
+                            "several grids share one root")
         args = p.parse_args(argv[1:])
         roots = _split_list(args.root)
         out = args.out or os.path.join(REPO, "experiments", "results", os.path.basename(os.path.normpath(roots[0])))
         try:
-            collect(roots, out)
+            collect(roots, out, _split_list(args.grid))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -259,6 +259,48 @@ def test_collect_tables_and_figure(tmp_path):
     assert os.path.getsize(f"{out}_accuracy_vs_epsilon.png") > 5000
 
 
+def test_collect_grid_filter_allocation_columns_and_sweep_figure(tmp_path):
+    """Grids sharing a root are told apart; ANADP's final allocation is read from metrics.jsonl."""
+    root = str(tmp_path / "shared")
+    sweep = grid.plan("rt_sweep", root, seeds=(0, 1), only=["dp_sgd,elementwise"])
+    sweep = [c for c in sweep if "-r4-" not in c.name]  # DP-SGD and elementwise at rho 2, 4 gammas
+    other = grid.plan("rt_profile", root, seeds=(0,), only=["private_profile-g1-r2"])
+    assert len(sweep) == 10 and len(other) == 1
+    for i, cell in enumerate(sweep + other):
+        summary = fake_summary(cell, 0.70 + 0.01 * i)
+        summary["clipping"] = "elliptical"
+        write_json(os.path.join(cell.path(), "summary.json"), summary)
+        if "anadp" in cell.name:
+            with open(os.path.join(cell.path(), "metrics.jsonl"), "w") as f:
+                for step, low in ((5, 0.5), (10, 0.8)):  # the last record counts
+                    f.write(json.dumps({"step": step, "noise_scales": {"a": low, "b": 1.0 + i / 100},
+                                        "importance_weight_corr": step / 20}) + "\n")
+
+    out = str(tmp_path / "results" / "rt_sweep")
+    assert grid.main(["collect", f"--root={root}", "--grid=rt_sweep", f"--out={out}"]) == 0
+    with open(f"{out}.csv") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {c.name for c in sweep}  # the rt_profile cell is left out
+    anadp = [c for c in sweep if "anadp" in c.name][0]
+    assert float(rows[anadp.name]["importance_weight_corr"]) == 0.5
+    assert float(rows[anadp.name]["noise_scale_min"]) == 0.8
+    assert rows[sweep[0].name]["noise_scale_min"] == ""  # DP-SGD has no allocation
+    md = open(f"{out}.md").read()
+    assert "| 0.50 |" in md and "rt_sweep_sweep.png" in md
+    assert os.path.getsize(f"{out}_sweep.png") > 5000
+
+    # Without --grid every cell counts; a root without a gamma sweep draws no sweep figure.
+    everything = grid.collect([root], str(tmp_path / "all"))
+    assert sum(a["n"] for a in everything) == 11
+    single = str(tmp_path / "single")
+    for cell in other:
+        write_json(os.path.join(single, cell.name, "summary.json"), fake_summary(cell))
+    grid.collect([single], str(tmp_path / "one"))
+    assert not os.path.exists(tmp_path / "one_sweep.png")
+    with pytest.raises(ValueError, match="unknown grid"):
+        grid.collect([root], str(tmp_path / "x"), ["rt_nope"])
+
+
 def test_collect_errors(tmp_path, capsys):
     assert grid.main(["collect", f"--root={tmp_path / 'missing'}", f"--out={tmp_path / 'x'}"]) == 2
     (tmp_path / "empty").mkdir()
