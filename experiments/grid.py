@@ -706,7 +706,7 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: st
     show_model = len(models) > 1
     header = ["task"] + (["model"] if show_model else []) + [
         "finetune", "steps", "method", "ANADP settings", "target ε", "reported ε", "metric", "mean ± sd", "n",
-        "ANADP − DP-SGD", "pairs", "final noise scales", "corr(importance, |θ|)"]
+        "ANADP − DP-SGD", "pairs", "final noise scales", r"corr(importance, \|θ\|)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     for a in aggregates:
