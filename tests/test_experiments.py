@@ -61,6 +61,11 @@ def test_grid_sizes_and_names_are_unique():
     assert counts["rt_sweep"] == 3 * (1 + 3 * 4 * 2)
     assert counts["rt_literal"] == 3 * (3 + 3)
     assert counts["rt_profile"] == 3 * (1 + 4 * 3)
+    assert counts["rt_profile_paired"] == counts["sst2_profile_paired"] == 5 * (3 + 3)
+    # The paired grids reuse rt_profile's and rt_main's cells when they share a root.
+    paired = {c.name for c in grid.plan("rt_profile_paired", "/tmp/unused", seeds=(0,))}
+    assert "rotten_tomatoes-lora-anadp-private_profile-g-0.5-r1.5-eps3-seed0" in paired
+    assert "rotten_tomatoes-lora-dp_sgd-eps8-seed0" in paired
     full = [c.name for c in grid.plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
     assert full == ["sst2-full-non_private-learning_rate0.0001-seed0",
                     "sst2-full-dp_sgd-learning_rate0.0001-eps3-seed0",
