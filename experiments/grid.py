@@ -512,10 +512,13 @@ def _none_if_missing(x):
     return None if x is None or x == "" else x
 
 
+NO_ALLOCATION = {"importance_weight_corr": None, "noise_scale_min": None, "noise_scale_max": None}
+
+
 def last_allocation(workdir: str) -> dict:
     """ANADP's allocation at the last logged step of a run: the rank correlation of its
     importance with the groups' mean |theta| and the range of its per-group noise scales
-    (empty for methods that log neither)."""
+    (NO_ALLOCATION when the run logged none)."""
     last = {}
     try:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -524,7 +527,7 @@ def last_allocation(workdir: str) -> dict:
                 if "noise_scales" in record:
                     last = record
     except (OSError, ValueError):
-        return {}
+        return NO_ALLOCATION
     scales = list(last.get("noise_scales", {}).values())
     return {
         "importance_weight_corr": last.get("importance_weight_corr"),
@@ -587,8 +590,7 @@ def load_rows(roots: list[str]) -> list[dict]:
                 "seed": s.get("seed"),
                 "main_metric": metric,
                 "main_metric_value": s["eval"][metric],
-                "importance_weight_corr": None, "noise_scale_min": None, "noise_scale_max": None,
-                **(last_allocation(workdir) if anadp else {}),
+                **(last_allocation(workdir) if anadp else NO_ALLOCATION),
                 "steps": s.get("steps"),
                 "wall_time_s": s.get("wall_time_s"),
                 "command": command,
@@ -633,9 +635,10 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _allocation_summary(members: list[dict]) -> dict:
     """Over a setting's seeds: mean final importance/|theta| correlation, full range of final noise scales."""
-    corrs = [float(r["importance_weight_corr"]) for r in members if r.get("importance_weight_corr") is not None]
-    lows = [float(r["noise_scale_min"]) for r in members if r.get("noise_scale_min") is not None]
-    highs = [float(r["noise_scale_max"]) for r in members if r.get("noise_scale_max") is not None]
+    def present(key):
+        return [float(r[key]) for r in members if r.get(key) is not None]
+
+    corrs, lows, highs = present("importance_weight_corr"), present("noise_scale_min"), present("noise_scale_max")
     return {
         "importance_weight_corr_mean": _mean_sd(corrs)[0] if corrs else None,
         "noise_scale_min": min(lows) if lows else None,
@@ -708,7 +711,8 @@ def _pm(mean: float | None, sd: float | None, scale: float = 100.0, digits: int 
     return text
 
 
-def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: str | None) -> str:
+def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figures: list[tuple[str, str]]) -> str:
+    """The collected table; `figures` are (alt text, file name) pairs linked below it."""
     lines = [
         "Dev-set main metric (×100), mean ± sample sd over seeds; ANADP − DP-SGD is the paired difference "
         "at the same task, model, fine-tuning, target epsilon, steps and seed (×100, mean ± sd over pairs). "
@@ -746,9 +750,21 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figure: st
             f"{a['importance_weight_corr_mean']:.2f}" if a["importance_weight_corr_mean"] is not None else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    if figure:
-        lines += ["", f"![accuracy vs epsilon]({figure})"]
+    for alt, name in figures:
+        lines += ["", f"![{alt}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+def _sd_or_zero(a: dict) -> float:
+    """A setting's sd for error bars (0 for a single seed)."""
+    return a["sd"] if math.isfinite(a["sd"]) else 0.0
+
+
+def _reference_band(ax, a: dict, color, label: str) -> None:
+    """A reference setting drawn across the panel: its mean as a dashed line, mean ± sd as a band."""
+    sd = _sd_or_zero(a)
+    ax.axhspan(a["mean"] - sd, a["mean"] + sd, color=color, alpha=0.2)
+    ax.axhline(a["mean"], color=color, ls="--", lw=1.2, label=f"{label} (n={a['n']})")
 
 
 def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
@@ -786,10 +802,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
             if label.startswith("global"):
                 name += ": spends more than its target ε"
             if method == "non_private":
-                a = points[0]
-                sd = a["sd"] if math.isfinite(a["sd"]) else 0.0
-                ax.axhspan(a["mean"] - sd, a["mean"] + sd, color=color, alpha=0.2)
-                ax.axhline(a["mean"], color=color, ls="--", lw=1.2, label=f"non-private (n={a['n']})")
+                _reference_band(ax, points[0], color, "non-private")
                 continue
             points = sorted((p for p in points if p["target_epsilon"] is not None), key=lambda p: p["target_epsilon"])
             if not points:
@@ -799,7 +812,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
             offset += 1
             xs = [p["target_epsilon"] * shift for p in points]
             ys = [p["mean"] for p in points]
-            errs = [p["sd"] if math.isfinite(p["sd"]) else 0.0 for p in points]
+            errs = [_sd_or_zero(p) for p in points]
             ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, color=color, label=name)
         ax.set_xscale("log")
         if epsilons:
@@ -818,12 +831,16 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _budget_key(a: dict) -> tuple:
+    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"])
+
+
 def _sweeps(aggregates: list[dict]) -> dict[tuple, list[dict]]:
     """ANADP settings that differ in gamma at one (task, model, finetune, budget, steps): the sweeps to plot."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for a in aggregates:
         if a["method"] == "anadp" and a["budget"]:
-            panels[(a["task"], a["model"], a["finetune"], a["budget"], a["steps"])].append(a)
+            panels[_budget_key(a)].append(a)
     return {k: v for k, v in panels.items() if len({float(a["gamma"]) for a in v}) > 1}
 
 
@@ -838,17 +855,14 @@ def plot_sweep(aggregates: list[dict], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baselines = {(a["task"], a["model"], a["finetune"], a["budget"], a["steps"]): a
-                 for a in aggregates if a["method"] == "dp_sgd"}
+    baselines = {_budget_key(a): a for a in aggregates if a["method"] == "dp_sgd"}
     keys = sorted(sweeps)
     fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         task, model, finetune, bud, steps = key
         base = baselines.get(key)
         if base is not None:
-            sd = base["sd"] if math.isfinite(base["sd"]) else 0.0
-            ax.axhspan(base["mean"] - sd, base["mean"] + sd, color="0.5", alpha=0.2)
-            ax.axhline(base["mean"], color="0.3", ls="--", lw=1.2, label=f"DP-SGD (n={base['n']})")
+            _reference_band(ax, base, "0.4", "DP-SGD")
         lines: dict[tuple, list[dict]] = defaultdict(list)
         for a in sweeps[key]:
             lines[(a["clipping"], a["importance"], float(a["rho"]))].append(a)
@@ -857,7 +871,7 @@ def plot_sweep(aggregates: list[dict], path: str) -> bool:
             ns = sorted({a["n"] for a in points})
             label = f"{importance}, ρ={_num(rho)}" + ("" if clipping == "elliptical" else f", {clipping}")
             ax.errorbar([float(a["gamma"]) for a in points], [a["mean"] for a in points],
-                        yerr=[a["sd"] if math.isfinite(a["sd"]) else 0.0 for a in points],
+                        yerr=[_sd_or_zero(a) for a in points],
                         marker="o", ms=4, capsize=3, label=f"{label} (n={'/'.join(map(str, ns))})")
         budget_text = f"ε={_num(bud[1])}" if bud[0] == "eps" else f"σ={_num(bud[1])}"
         ax.set_xlabel("γ (> 0: less noise on important groups, the paper's direction; < 0: more)")
@@ -893,10 +907,11 @@ def collect(roots: list[str], out: str, grids: list[str] | None = None) -> list[
     plot_accuracy_vs_epsilon(aggregates, figure)
     sweep = out + "_sweep.png"
     has_sweep = plot_sweep(aggregates, sweep)
+    figures = [("accuracy vs epsilon", os.path.basename(figure))]
+    if has_sweep:
+        figures.append(("ANADP sweep against gamma", os.path.basename(sweep)))
     with open(out + ".md", "w") as f:
-        f.write(markdown(aggregates, roots, len(rows), os.path.basename(figure)))
-        if has_sweep:
-            f.write(f"\n![ANADP sweep against gamma]({os.path.basename(sweep)})\n")
+        f.write(markdown(aggregates, roots, len(rows), figures))
     print(f"{len(rows)} runs, {len(aggregates)} settings: wrote {out}.csv, {out}.md, {figure}"
           + (f", {sweep}" if has_sweep else ""))
     return aggregates
