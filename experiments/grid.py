@@ -527,7 +527,7 @@ def last_allocation(workdir: str) -> dict:
                 if "noise_scales" in record:
                     last = record
     except (OSError, ValueError):
-        return NO_ALLOCATION
+        return dict(NO_ALLOCATION)  # a copy: callers may fill it in
     scales = list(last.get("noise_scales", {}).values())
     return {
         "importance_weight_corr": last.get("importance_weight_corr"),
