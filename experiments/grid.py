@@ -24,6 +24,10 @@ last checkpoint):
   --parallel=N  runs N cells at once (on GPUs: XLA preallocation is turned off
                 unless XLA_PYTHON_CLIENT_* is set; on CPUs the cells share cores).
 
+Several grid processes may share a root (the README runs two at once on two
+cores): each marks the cell it runs with `<cell>/running.lock`, and the others
+skip that cell as busy (a lock whose process died on this host is taken over).
+
 Each cell's stdout/stderr go to `<cell>/log.txt`, its command to
 `<cell>/command.txt`, and each finished attempt appends a line (time, cell,
 exit status, wall seconds, command) to `<root>/commands.txt`.
@@ -63,6 +67,7 @@ import json
 import math
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -399,6 +404,59 @@ def execute(cell: Cell, env: dict) -> int:
         return subprocess.run(cell.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+# A grid process marks each cell it is running with <cell>/running.lock ("host pid"),
+# so that two grids sharing a root (their common DP-SGD cells) never run one cell
+# into the same workdir at once. A lock left by a process that died on this host is
+# taken over; one from another host is respected until someone deletes it.
+LOCK_NAME = "running.lock"
+
+
+def _lock_holder_alive(path: str) -> bool:
+    try:
+        with open(path) as f:
+            host, pid = f.read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return True  # being written right now, or unreadable: do not take it
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(cell: Cell) -> bool:
+    """Takes the cell's lock for this process; False when a live process holds it."""
+    os.makedirs(cell.path(), exist_ok=True)
+    path = os.path.join(cell.path(), LOCK_NAME)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _lock_holder_alive(path):
+                return False
+            try:
+                os.remove(path)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def release(cell: Cell) -> None:
+    try:
+        os.remove(os.path.join(cell.path(), LOCK_NAME))
+    except FileNotFoundError:
+        pass
+
+
 def _tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -408,7 +466,8 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def run_grid(cells: list[Cell], root: str, *, parallel: int = 1, runner=execute, out=sys.stdout) -> dict[str, str]:
-    """Runs every cell without a summary.json; returns {cell name: done | ok | failed | conflict}."""
+    """Runs every cell without a summary.json; returns {cell name: done | ok | failed | conflict | busy}
+    (busy: another live grid process is running it)."""
     os.makedirs(root, exist_ok=True)
     status: dict[str, str] = {}
     todo = []
@@ -439,14 +498,27 @@ def run_grid(cells: list[Cell], root: str, *, parallel: int = 1, runner=execute,
     counter = itertools.count(1)
 
     def one(cell: Cell) -> None:
-        start = time.time()
-        try:
-            rc = runner(cell, env)
-        except Exception as e:  # noqa: BLE001 - a cell's failure must not stop the grid
-            print(f"{cell.name}: could not run ({e!r})", file=out)
-            rc = -1
-        wall = time.time() - start
         summary_path = os.path.join(cell.path(), "summary.json")
+        if not claim(cell):
+            with lock:
+                status[cell.name] = "busy"
+                print(f"busy {cell.name}: another grid process is running it (if none is, delete "
+                      f"{os.path.join(cell.path(), LOCK_NAME)})", file=out, flush=True)
+            return
+        try:
+            if os.path.exists(summary_path):  # finished by another process since the plan
+                with lock:
+                    status[cell.name] = "done"
+                return
+            start = time.time()
+            try:
+                rc = runner(cell, env)
+            except Exception as e:  # noqa: BLE001 - a cell's failure must not stop the grid
+                print(f"{cell.name}: could not run ({e!r})", file=out)
+                rc = -1
+            wall = time.time() - start
+        finally:
+            release(cell)
         ok = rc == 0 and os.path.exists(summary_path)
         with lock:
             status[cell.name] = "ok" if ok else "failed"
@@ -478,7 +550,7 @@ def run_grid(cells: list[Cell], root: str, *, parallel: int = 1, runner=execute,
     for s in status.values():
         counts[s] += 1
     print("grid finished: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=out, flush=True)
-    failed = [n for n, s in status.items() if s in ("failed", "conflict")]
+    failed = [n for n, s in status.items() if s in ("failed", "conflict", "busy")]
     if failed:
         print("not finished: " + " ".join(failed), file=out)
     return status

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -163,6 +164,35 @@ def test_run_grid_skips_finished_cells_and_survives_failures(tmp_path):
     status = grid.run_grid(cells, root, runner=runner, out=io.StringIO(), parallel=2)
     assert launched == [cells[3].name]  # only the failed cell is retried
     assert status[cells[2].name] == "done"
+
+
+def test_run_grid_skips_cells_another_live_process_runs(tmp_path):
+    root = str(tmp_path / "root")
+    busy, stale, free = grid.plan("rt_main", root, seeds=(0,), only=["eps3,eps8"])[:3]
+    os.makedirs(busy.path())
+    with open(os.path.join(busy.path(), grid.LOCK_NAME), "w") as f:
+        f.write(f"{grid.socket.gethostname()} {os.getpid()}\n")  # a live process on this host
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    os.makedirs(stale.path())
+    with open(os.path.join(stale.path(), grid.LOCK_NAME), "w") as f:
+        f.write(f"{grid.socket.gethostname()} {finished.stdout.strip()}\n")  # its process has exited
+    launched, locked_while_running = [], []
+
+    def runner(cell, env):
+        launched.append(cell.name)
+        locked_while_running.append(os.path.exists(os.path.join(cell.path(), grid.LOCK_NAME)))
+        write_json(os.path.join(cell.path(), "summary.json"), fake_summary(cell, 0.7))
+        return 0
+
+    out = io.StringIO()
+    status = grid.run_grid([busy, stale, free], root, runner=runner, out=out)
+    assert launched == [stale.name, free.name]
+    assert locked_while_running == [True, True]
+    assert status == {busy.name: "busy", stale.name: "ok", free.name: "ok"}
+    assert f"busy {busy.name}" in out.getvalue()
+    assert not os.path.exists(os.path.join(free.path(), grid.LOCK_NAME))  # released when done
+    assert os.path.exists(os.path.join(busy.path(), grid.LOCK_NAME))  # the other process's lock stays
 
 
 def test_dry_run_marks_done_cells(tmp_path, capsys):
