@@ -25,6 +25,7 @@ def _load(name):
 
 grid = _load("grid")
 heatmap = _load("heatmap")
+analysis = _load("analysis")
 
 
 # --- grid definitions and commands -----------------------------------------------
@@ -393,3 +394,56 @@ def test_benchmark_writes_every_method_and_counts_resident_state(tmp_path):
     two_emas = 2 * 4 * results["_meta"]["num_trainable_params"]
     assert results["anadp"]["peak_memory_bytes"] >= results["dp_sgd"]["peak_memory_bytes"] + two_emas
     assert "| anadp |" in (tmp_path / "bench.md").read_text()
+
+
+# --- analysis: by-step paired differences, allocation spread ---------------------------
+
+
+def write_run(root, name, method, seed, curve, gamma=None, scales=None):
+    """A finished fake run: summary.json (final value = the curve's last) and metrics.jsonl."""
+    summary = {
+        "task": "rotten_tomatoes", "model": "minilm-l6", "finetune": "lora", "method": method,
+        "clipping": "elliptical" if method == "anadp" else "global", "target_epsilon": 3.0, "epsilon": 3.0,
+        "noise_multiplier": 0.9, "seed": seed, "steps": 60, "main_metric": "accuracy",
+        "eval": {"accuracy": curve[max(curve)]},
+        "config": {"privacy": {"importance": "elementwise", "gamma": gamma, "rho": 2.0}},
+    }
+    write_json(os.path.join(root, name, "summary.json"), summary)
+    with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:
+        for step, value in sorted(curve.items()):
+            record = {"step": step, "eval": {"validation": {"accuracy": value}}}
+            if scales:
+                record["noise_scales"] = {"a": scales[0], "b": scales[1]}
+            f.write(json.dumps(record) + "\n")
+
+
+def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
+    root = str(tmp_path / "root")
+    write_run(root, "dp-seed0", "dp_sgd", 0, {30: 0.60, 60: 0.70})
+    write_run(root, "dp-seed1", "dp_sgd", 1, {30: 0.62, 60: 0.74})
+    write_run(root, "a-seed0", "anadp", 0, {30: 0.61, 60: 0.72}, gamma=0.5, scales=(0.8, 1.2))  # ratio 1.5
+    write_run(root, "a-seed1", "anadp", 1, {30: 0.60, 60: 0.70}, gamma=0.5, scales=(0.8, 1.28))  # 1.6
+    write_run(root, "b-seed0", "anadp", 0, {60: 0.65}, gamma=1.0, scales=(0.5, 1.5))  # 3.0
+    write_run(root, "c-seed0", "anadp", 0, {60: 0.10}, gamma=0.0, scales=(1.0, 1.0))  # uniform: not counted
+    rows = grid.load_rows([root])
+    curves = analysis.by_step(rows)
+    a = next(v for k, v in curves.items() if "γ=0.5" in k[4])
+    assert a["level"][60][0] == pytest.approx(0.71)
+    assert a["diff"][30][:2] == pytest.approx((-0.005, statistics.stdev([0.01, -0.02])))
+    assert a["diff"][60] == pytest.approx((-0.01, statistics.stdev([0.02, -0.04]), 2))
+    b = next(v for k, v in curves.items() if "γ=1" in k[4])
+    assert list(b["diff"]) == [60] and b["diff"][60][2] == 1  # only the step it evaluated
+
+    spread = analysis.allocation_spread(rows)
+    assert [cell for _, _, cell in spread["points"]] == ["a-seed0", "a-seed1", "b-seed0"]
+    assert spread["rho"] == pytest.approx(-1.0)  # larger ratio, larger loss, in every pair
+    single = [r for r in rows if not r["cell"].startswith("b-")]
+    assert analysis.allocation_spread(single) is None  # one setting: seed noise only
+
+    out = str(tmp_path / "out" / "x")
+    assert analysis.main([f"--root={root}", f"--out={out}"]) == 0
+    text = open(out + "_by_step.md").read()
+    assert "| -0.50 ± 2.12 (2) | -1.00 ± 4.24 (2) |" in text and "= -1.00" in text
+    assert os.path.getsize(out + "_by_step.png") > 0
+    assert analysis.main([f"--root={root}", "--seeds=7", f"--out={out}"]) == 2  # nothing matches
+
