@@ -99,7 +99,7 @@ def _spearman(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def allocation_spread(rows: list[dict]) -> dict | None:
     """Spearman(max/min final noise scale, ANADP − DP-SGD) over the ANADP runs with gamma != 0 and a
-    DP-SGD partner; None with fewer than 3 such runs or a single setting."""
+    DP-SGD partner; None when they come from fewer than 3 settings."""
     partners = {_pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
     points = []
     for r in rows:
@@ -110,8 +110,8 @@ def allocation_spread(rows: list[dict]) -> dict | None:
             ratio = float(r["noise_scale_max"]) / float(r["noise_scale_min"])
             points.append((ratio, float(r["main_metric_value"]) - float(partner["main_metric_value"]),
                            grid.settings_label(r), r["cell"]))
-    if len(points) < 3 or len({setting for _, _, setting, _ in points}) < 2:
-        return None  # one setting's runs differ by seed only: nothing to correlate
+    if len({setting for _, _, setting, _ in points}) < 3:
+        return None  # with one or two settings this compares settings, not spreads
     rho, p = _spearman([x for x, *_ in points], [y for _, y, *_ in points])
     return {"rho": rho, "p": p, "points": sorted((x, y, cell) for x, y, _, cell in points)}
 

@@ -424,6 +424,7 @@ def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
     write_run(root, "a-seed0", "anadp", 0, {30: 0.61, 60: 0.72}, gamma=0.5, scales=(0.8, 1.2))  # ratio 1.5
     write_run(root, "a-seed1", "anadp", 1, {30: 0.60, 60: 0.70}, gamma=0.5, scales=(0.8, 1.28))  # 1.6
     write_run(root, "b-seed0", "anadp", 0, {60: 0.65}, gamma=1.0, scales=(0.5, 1.5))  # 3.0
+    write_run(root, "d-seed1", "anadp", 1, {60: 0.60}, gamma=-0.5, scales=(0.2, 1.0))  # 5.0
     write_run(root, "c-seed0", "anadp", 0, {60: 0.10}, gamma=0.0, scales=(1.0, 1.0))  # uniform: not counted
     rows = grid.load_rows([root])
     curves = analysis.by_step(rows)
@@ -435,10 +436,10 @@ def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
     assert list(b["diff"]) == [60] and b["diff"][60][2] == 1  # only the step it evaluated
 
     spread = analysis.allocation_spread(rows)
-    assert [cell for _, _, cell in spread["points"]] == ["a-seed0", "a-seed1", "b-seed0"]
+    assert [cell for _, _, cell in spread["points"]] == ["a-seed0", "a-seed1", "b-seed0", "d-seed1"]
     assert spread["rho"] == pytest.approx(-1.0)  # larger ratio, larger loss, in every pair
-    single = [r for r in rows if not r["cell"].startswith("b-")]
-    assert analysis.allocation_spread(single) is None  # one setting: seed noise only
+    two_settings = [r for r in rows if not r["cell"].startswith("b-")]
+    assert analysis.allocation_spread(two_settings) is None  # too few settings to correlate
 
     out = str(tmp_path / "out" / "x")
     assert analysis.main([f"--root={root}", f"--out={out}"]) == 0
