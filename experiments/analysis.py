@@ -158,6 +158,9 @@ def plot(curves: dict, path: str) -> None:
     keys = sorted(panels)
     if not keys:
         return
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    settings = sorted({(k[3], k[4]) for k in curves if k[3] not in ("non_private", "dp_sgd")})
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(settings)}  # one colour per setting everywhere
     crowded = max(len(v) for v in panels.values()) > 8  # a sweep: one panel per row, legend beside it
     columns = 1 if crowded else min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
@@ -172,7 +175,8 @@ def plot(curves: dict, path: str) -> None:
             means = [c["level"][s][0] for s in xs]
             sds = [c["level"][s][1] if math.isfinite(c["level"][s][1]) else 0.0 for s in xs]
             label = k[3] + (f" ({k[4]})" if k[4] else "") + f", n={c['n']}"
-            style = {"color": "black", "lw": 2.2, "zorder": 5} if k[3] == "dp_sgd" else {}  # the reference
+            style = ({"color": "black", "lw": 2.2, "zorder": 5} if k[3] == "dp_sgd"  # the reference
+                     else {"color": colors[(k[3], k[4])]})
             line, = ax.plot(xs, means, marker="o", ms=3, label=label, **style)
             ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
                             color=line.get_color(), alpha=0.15)
