@@ -53,10 +53,6 @@ def _pair_key(row: dict) -> tuple:
     return row["task"], row["model"], row["finetune"], grid.budget(row), row["steps"], row["seed"]
 
 
-def _setting(row: dict) -> tuple:
-    return grid.group_key(row)
-
-
 def _setting_label(key: tuple) -> str:
     task, _, finetune, method, settings, budget, steps = key
     target = f"ε={grid._num(budget[1])}" if budget and budget[0] == "eps" else (
@@ -72,7 +68,7 @@ def by_step(rows: list[dict]) -> dict:
     out: dict[tuple, dict] = {}
     members: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        members[_setting(r)].append(r)
+        members[grid.group_key(r)].append(r)
     for key, runs in members.items():
         steps = sorted({s for r in runs for s in curves[id(r)]})
         level = {s: grid._mean_sd([curves[id(r)][s] for r in runs if s in curves[id(r)]]) for s in steps}
