@@ -158,11 +158,7 @@ def plot(curves: dict, path: str) -> None:
     settings = sorted({(k[3], k[4]) for k in curves if k[3] not in ("non_private", "dp_sgd")})
     colors = {s: palette[i % len(palette)] for i, s in enumerate(settings)}  # one colour per setting everywhere
     crowded = max(len(v) for v in panels.values()) > 8  # a sweep: one panel per row, legend beside it
-    columns = 1 if crowded else min(3, len(keys))
-    rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.6 * columns, 4.0 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.axis("off")
+    fig, axes = grid.panel_axes(plt, len(keys), 1 if crowded else min(3, len(keys)), (5.6, 4.0))
     for ax, panel in zip(axes.flat, keys):
         task, finetune, budget, steps = panel
         for k in sorted(panels[panel], key=lambda k: (grid.METHOD_ORDER.get(k[3], 9), k[4])):

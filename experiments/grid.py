@@ -839,6 +839,15 @@ def _reference_band(ax, a: dict, color, label: str) -> None:
     ax.axhline(a["mean"], color=color, ls="--", lw=1.2, label=f"{label} (n={a['n']})")
 
 
+def panel_axes(plt, count: int, columns: int, size: tuple[float, float]):
+    """A figure of `count` panels in rows of `columns` (each `size` inches); unused cells blanked."""
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
 def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
     """Per (task, model, finetune, steps): metric vs target epsilon, one line per method; non-private a band."""
     import matplotlib
@@ -852,11 +861,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
     keys = sorted(panels)
     if not keys:
         return
-    columns = min(3, len(keys))
-    rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.axis("off")
+    fig, axes = panel_axes(plt, len(keys), min(3, len(keys)), (6.2, 4.2))
     for ax, key in zip(axes.flat, keys):
         task, model, finetune, steps = key
         series: dict[tuple, list[dict]] = defaultdict(list)
