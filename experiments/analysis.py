@@ -48,11 +48,6 @@ def eval_curve(workdir: str, metric: str) -> dict[int, float]:
     return curve
 
 
-def _pair_key(row: dict) -> tuple:
-    """What an ANADP run is compared on with its DP-SGD partner (the seed included)."""
-    return row["task"], row["model"], row["finetune"], grid.budget(row), row["steps"], row["seed"]
-
-
 def _setting_label(key: tuple) -> str:
     task, _, finetune, method, settings, budget, steps = key
     target = f"ε={grid._num(budget[1])}" if budget and budget[0] == "eps" else (
@@ -64,7 +59,7 @@ def by_step(rows: list[dict]) -> dict:
     """Per setting: the mean and sd over seeds at each evaluation step; for ANADP, the paired
     difference to DP-SGD at each step. Steps missing from a run are left out of that step's mean."""
     curves = {id(r): eval_curve(r["workdir"], r["main_metric"]) for r in rows}
-    partners = {_pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
+    partners = {grid.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
     out: dict[tuple, dict] = {}
     members: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -77,7 +72,7 @@ def by_step(rows: list[dict]) -> dict:
             for s in steps:
                 values = []
                 for r in runs:
-                    partner = partners.get(_pair_key(r))
+                    partner = partners.get(grid.pair_key(r))
                     if partner is not None and s in curves[id(r)] and s in curves[id(partner)]:
                         values.append(curves[id(r)][s] - curves[id(partner)][s])
                 if values:
@@ -96,12 +91,12 @@ def _spearman(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def allocation_spread(rows: list[dict]) -> dict | None:
     """Spearman(max/min final noise scale, ANADP − DP-SGD) over the ANADP runs with gamma != 0 and a
     DP-SGD partner; None when they come from fewer than 3 settings."""
-    partners = {_pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
+    partners = {grid.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
     points = []
     for r in rows:
         if r["method"] != "anadp" or not r["noise_scale_min"] or float(r["gamma"]) == 0:
             continue
-        partner = partners.get(_pair_key(r))
+        partner = partners.get(grid.pair_key(r))
         if partner is not None:
             ratio = float(r["noise_scale_max"]) / float(r["noise_scale_min"])
             points.append((ratio, float(r["main_metric_value"]) - float(partner["main_metric_value"]),

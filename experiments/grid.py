@@ -718,15 +718,17 @@ def _allocation_summary(members: list[dict]) -> dict:
     }
 
 
+def pair_key(row: dict) -> tuple:
+    """What an ANADP run is compared on with its DP-SGD partner: everything but the method, the seed included."""
+    return row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["seed"]
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and sample sd over seeds per setting, and ANADP - DP-SGD paired on the seed."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[group_key(row)].append(row)
-    dp_sgd = {}
-    for row in rows:
-        if row["method"] == "dp_sgd":
-            dp_sgd[(row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["seed"])] = row
+    dp_sgd = {pair_key(row): row for row in rows if row["method"] == "dp_sgd"}
     out = []
     for key, members in groups.items():
         task, model, finetune, method, label, bud, steps = key
@@ -752,7 +754,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         if method == "anadp":
             diffs = []
             for r in members:
-                partner = dp_sgd.get((task, model, finetune, bud, steps, r["seed"]))
+                partner = dp_sgd.get(pair_key(r))
                 if partner is not None:
                     diffs.append(float(r["main_metric_value"]) - float(partner["main_metric_value"]))
             if diffs:
