@@ -60,25 +60,26 @@ def layer_matrix_grid(values: dict[str, float]) -> tuple[np.ndarray, list[str], 
     """Arranges per-group values as (weight matrix x transformer layer).
 
     Groups outside the transformer layers (embeddings, pooler, classifier) get
-    their own rows with a value in the first column only.
+    their own rows and a last column of their own, labelled "outside", so that
+    none of them reads as belonging to layer 0.
     """
     cells: dict[tuple[str, int], float] = {}
-    extra: dict[str, float] = {}
+    outside: dict[str, float] = {}
     for name, value in values.items():
         layer, matrix = layer_and_matrix(name)
         if layer is None:
-            extra[matrix] = value
+            outside[matrix] = value
         else:
             cells[(matrix or "layer", layer)] = value
-    matrices = sorted({m for m, _ in cells})
-    num_layers = 1 + max((layer for _, layer in cells), default=0)
-    rows = matrices + sorted(extra)
-    grid = np.full((len(rows), max(num_layers, 1)), np.nan)
+    num_layers = 1 + max((layer for _, layer in cells), default=-1)
+    rows = sorted({m for m, _ in cells}) + sorted(outside)
+    cols = [str(i) for i in range(num_layers)] + (["outside"] if outside else [])
+    grid = np.full((len(rows), max(len(cols), 1)), np.nan)
     for (matrix, layer), value in cells.items():
         grid[rows.index(matrix), layer] = value
-    for name, value in extra.items():
-        grid[rows.index(name), 0] = value
-    return grid, rows, [str(i) for i in range(grid.shape[1])]
+    for name, value in outside.items():
+        grid[rows.index(name), -1] = value
+    return grid, rows, cols
 
 
 def _log_spread(values: np.ndarray, center: float) -> float:
