@@ -70,8 +70,8 @@ def test_grid_sizes_and_names_are_unique():
     assert "rotten_tomatoes-lora-dp_sgd-eps8-seed0" in paired
     full = [c.name for c in grid.plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
     assert full == ["sst2-full-non_private-learning_rate0.0001-seed0",
-                    "sst2-full-dp_sgd-learning_rate0.0001-eps3-seed0",
-                    "sst2-full-anadp-elementwise-g0.5-r2-learning_rate0.0001-eps3-seed0"]
+                    "sst2-full-dp_sgd-learning_rate0.001-eps3-seed0",
+                    "sst2-full-anadp-elementwise-g0.5-r2-learning_rate0.001-eps3-seed0"]
     literal = grid.plan("rt_literal", "/tmp/unused", seeds=(1,), only=["anadp"])
     assert [c.name for c in literal][1] == "rotten_tomatoes-lora-anadp-global-elementwise-g0.5-r2-eps3-seed1"
     assert literal[1].overrides["privacy.clipping"] == "global"
