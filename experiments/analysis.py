@@ -49,10 +49,11 @@ def eval_curve(workdir: str, metric: str) -> dict[int, float]:
 
 
 def _setting_label(key: tuple) -> str:
-    task, _, finetune, method, settings, budget, steps = key
+    task, _, finetune, method, settings, budget, steps, lr = key
     target = f"ε={grid._num(budget[1])}" if budget and budget[0] == "eps" else (
         f"σ={grid._num(budget[1])}" if budget else "non-private")
-    return f"{task} / {finetune} / {target}: {method}" + (f" ({settings})" if settings else "")
+    return (f"{task} / {finetune} / {target}: {method}" + (f" ({settings})" if settings else "")
+            + (f", lr {grid._num(lr)}" if lr else ""))
 
 
 def by_step(rows: list[dict]) -> dict:
@@ -115,7 +116,7 @@ def markdown(curves: dict, spread: dict | None, command: str) -> str:
     lines = [f"Made by `{command}`.", "",
              "Dev metric (×100) at each evaluation step, mean ± sd over seeds; for ANADP, the difference to "
              "DP-SGD paired on the seed at the same step (mean ± sd over pairs, number of pairs).", ""]
-    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], grid.METHOD_ORDER.get(k[3], 9), k[4]))
+    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], k[7] or 0.0, grid.METHOD_ORDER.get(k[3], 9), k[4]))
     steps = sorted({s for k in keys for s in curves[k]["steps"]})
     lines.append("| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " |")
     lines.append("|---|---|" + "---|" * len(steps))
@@ -145,7 +146,7 @@ def plot(curves: dict, path: str) -> None:
     panels: dict[tuple, list[tuple]] = defaultdict(list)
     for k in curves:
         if k[3] != "non_private":
-            panels[(k[0], k[2], k[5], k[6])].append(k)
+            panels[(k[0], k[2], k[5], k[6], k[7])].append(k)  # one panel per learning rate too
     keys = sorted(panels)
     if not keys:
         return
@@ -155,7 +156,7 @@ def plot(curves: dict, path: str) -> None:
     crowded = max(len(v) for v in panels.values()) > 8  # a sweep: one panel per row, legend beside it
     fig, axes = grid.panel_axes(plt, len(keys), 1 if crowded else min(3, len(keys)), (5.6, 4.0))
     for ax, panel in zip(axes.flat, keys):
-        task, finetune, budget, steps = panel
+        task, finetune, budget, steps, lr = panel
         for k in sorted(panels[panel], key=lambda k: (grid.METHOD_ORDER.get(k[3], 9), k[4])):
             c = curves[k]
             xs = [s for s in c["steps"] if s in c["level"]]
@@ -168,7 +169,7 @@ def plot(curves: dict, path: str) -> None:
             ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
                             color=line.get_color(), alpha=0.15)
         target = f"ε={grid._num(budget[1])}" if budget[0] == "eps" else f"σ={grid._num(budget[1])}"
-        ax.set_title(f"{task} / {finetune}, {target}", fontsize=10)
+        ax.set_title(f"{task} / {finetune}, {target}" + (f", lr {grid._num(lr)}" if lr else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("dev metric (mean ± sd over seeds)")
         ax.grid(alpha=0.3)

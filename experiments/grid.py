@@ -561,7 +561,7 @@ def run_grid(cells: list[Cell], root: str, *, parallel: int = 1, runner=execute,
 # --- collecting ----------------------------------------------------------------
 
 CSV_COLUMNS = [
-    "cell", "task", "model", "finetune", "method", "clipping", "importance", "gamma", "rho",
+    "cell", "task", "model", "finetune", "method", "clipping", "importance", "gamma", "rho", "learning_rate",
     "target_epsilon", "epsilon", "dp_sgd_epsilon_same_sigma", "noise_multiplier", "seed",
     "main_metric", "main_metric_value", "importance_weight_corr", "noise_scale_min", "noise_scale_max",
     "steps", "wall_time_s", "command", "workdir",
@@ -657,6 +657,7 @@ def load_rows(roots: list[str]) -> list[dict]:
                 "importance": priv.get("importance", "") if anadp else "",
                 "gamma": priv.get("gamma", "") if anadp else "",
                 "rho": priv.get("rho", "") if anadp else "",
+                "learning_rate": s.get("config", {}).get("train", {}).get("learning_rate"),
                 "target_epsilon": _none_if_missing(s.get("target_epsilon")),
                 "epsilon": s.get("epsilon"),
                 "dp_sgd_epsilon_same_sigma": s.get("dp_sgd_epsilon_same_sigma"),
@@ -696,8 +697,9 @@ def settings_label(row: dict) -> str:
 
 
 def group_key(row: dict) -> tuple:
+    """What makes runs seeds of one setting; runs that differ only in learning rate are different settings."""
     return (row["task"], row["model"], row["finetune"], row["method"], settings_label(row), budget(row),
-            row["steps"])
+            row["steps"], row["learning_rate"])
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -722,7 +724,7 @@ def _allocation_summary(members: list[dict]) -> dict:
 
 def pair_key(row: dict) -> tuple:
     """What an ANADP run is compared on with its DP-SGD partner: everything but the method, the seed included."""
-    return row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["seed"]
+    return row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["learning_rate"], row["seed"]
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -733,7 +735,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     dp_sgd = {pair_key(row): row for row in rows if row["method"] == "dp_sgd"}
     out = []
     for key, members in groups.items():
-        task, model, finetune, method, label, bud, steps = key
+        task, model, finetune, method, label, bud, steps, lr = key
         members = sorted(members, key=lambda r: r["seed"])
         values = [float(r["main_metric_value"]) for r in members]
         mean, sd = _mean_sd(values)
@@ -746,7 +748,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "gamma": members[0]["gamma"], "rho": members[0]["rho"],
             "budget": bud, "target_epsilon": bud[1] if bud and bud[0] == "eps" else None,
             "noise_multiplier": bud[1] if bud and bud[0] == "sigma" else None,
-            "steps": steps, "main_metric": members[0]["main_metric"],
+            "steps": steps, "learning_rate": lr, "main_metric": members[0]["main_metric"],
             "seeds": [r["seed"] for r in members], "n": len(members), "mean": mean, "sd": sd,
             "epsilon_mean": eps_mean,
             "dp_sgd_epsilon_same_sigma_mean": _mean_sd(same_sigma)[0] if same_sigma else None,
@@ -764,7 +766,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 agg["n_pairs"] = len(diffs)
         out.append(agg)
     out.sort(key=lambda a: (a["task"], a["model"], a["finetune"], a["steps"], METHOD_ORDER.get(a["method"], 9),
-                            a["budget"], a["settings"]))
+                            a["budget"], a["settings"], a["learning_rate"] or 0.0))
     return out
 
 
@@ -791,7 +793,8 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figures: l
     """The collected table; `figures` are (alt text, file name) pairs linked below it."""
     lines = [
         "Dev-set main metric (×100), mean ± sample sd over seeds; ANADP − DP-SGD is the paired difference "
-        "at the same task, model, fine-tuning, target epsilon, steps and seed (×100, mean ± sd over pairs). "
+        "at the same task, model, fine-tuning, target epsilon, steps, learning rate and seed (×100, mean ± sd over "
+        "pairs). "
         "Target ε is what the noise multiplier was calibrated to; reported ε is what the run's ledger spent "
         "(for privacy.clipping=global, above the target; DP-SGD's claim at that sigma is in parentheses). "
         "ANADP's allocation at its last logged step: the range of its per-group noise scales over all seeds, "
@@ -803,7 +806,7 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figures: l
     models = sorted({a["model"] for a in aggregates})
     show_model = len(models) > 1
     header = ["task"] + (["model"] if show_model else []) + [
-        "finetune", "steps", "method", "ANADP settings", "target ε", "reported ε", "metric", "mean ± sd", "n",
+        "finetune", "steps", "lr", "method", "ANADP settings", "target ε", "reported ε", "metric", "mean ± sd", "n",
         "ANADP − DP-SGD", "pairs", "final noise scales", r"corr(importance, \|θ\|)"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
@@ -817,7 +820,8 @@ def markdown(aggregates: list[dict], roots: list[str], num_rows: int, figures: l
             if a["dp_sgd_epsilon_same_sigma_mean"] is not None:
                 reported += f" ({a['dp_sgd_epsilon_same_sigma_mean']:.3g})"
         cells = [a["task"]] + ([a["model"]] if show_model else []) + [
-            a["finetune"], str(a["steps"]), a["method"], a["settings"] or "–", target, reported, a["main_metric"],
+            a["finetune"], str(a["steps"]), _num(a["learning_rate"]) if a["learning_rate"] else "–", a["method"],
+            a["settings"] or "–", target, reported, a["main_metric"],
             _pm(a["mean"], a["sd"]), str(a["n"]),
             _pm(a["diff_mean"], a["diff_sd"]) if a["n_pairs"] else "–",
             str(a["n_pairs"]) if a["method"] == "anadp" else "–",
@@ -870,16 +874,22 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
         task, model, finetune, steps = key
         series: dict[tuple, list[dict]] = defaultdict(list)
         for a in panels[key]:
-            series[(a["method"], a["settings"])].append(a)
+            series[(a["method"], a["settings"], a["learning_rate"] or 0.0)].append(a)
+        # A method's series are told apart by learning rate only where it ran at more than one.
+        lrs_of = defaultdict(set)
+        for method, label, lr in series:
+            lrs_of[(method, label)].add(lr)
         epsilons = sorted({a["target_epsilon"] for a in panels[key] if a["target_epsilon"] is not None})
         metric = panels[key][0]["main_metric"]
         colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10)
-        ordered = sorted(series.items(), key=lambda kv: (METHOD_ORDER.get(kv[0][0], 9), kv[0][1]))
-        num_private = sum(method != "non_private" for method, _ in series)
+        ordered = sorted(series.items(), key=lambda kv: (METHOD_ORDER.get(kv[0][0], 9), kv[0][1], kv[0][2]))
+        num_private = sum(method != "non_private" for method, _, _ in series)
         offset = 0
-        for (method, label), points in ordered:
+        for (method, label, lr), points in ordered:
             color = next(colors)
             name = method + (f" ({label})" if label else "")
+            if len(lrs_of[(method, label)]) > 1:
+                name += f", lr {_num(lr)}"
             if label.startswith("global"):
                 name += ": spends more than its target ε"
             if method == "non_private":
@@ -913,11 +923,11 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
 
 
 def _budget_key(a: dict) -> tuple:
-    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"])
+    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"], a["learning_rate"])
 
 
 def _sweeps(aggregates: list[dict]) -> dict[tuple, list[dict]]:
-    """ANADP settings that differ in gamma at one (task, model, finetune, budget, steps): the sweeps to plot."""
+    """ANADP settings that differ in gamma at one (task, model, finetune, budget, steps, lr): the sweeps to plot."""
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for a in aggregates:
         if a["method"] == "anadp" and a["budget"]:
@@ -940,7 +950,7 @@ def plot_sweep(aggregates: list[dict], path: str) -> bool:
     keys = sorted(sweeps)
     fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        task, model, finetune, bud, steps = key
+        task, model, finetune, bud, steps, _ = key
         base = baselines.get(key)
         if base is not None:
             _reference_band(ax, base, "0.4", "DP-SGD")

@@ -399,14 +399,15 @@ def test_benchmark_writes_every_method_and_counts_resident_state(tmp_path):
 # --- analysis: by-step paired differences, allocation spread ---------------------------
 
 
-def write_run(root, name, method, seed, curve, gamma=None, scales=None):
+def write_run(root, name, method, seed, curve, gamma=None, scales=None, learning_rate=1e-2):
     """A finished fake run: summary.json (final value = the curve's last) and metrics.jsonl."""
     summary = {
         "task": "rotten_tomatoes", "model": "minilm-l6", "finetune": "lora", "method": method,
         "clipping": "elliptical" if method == "anadp" else "global", "target_epsilon": 3.0, "epsilon": 3.0,
         "noise_multiplier": 0.9, "seed": seed, "steps": 60, "main_metric": "accuracy",
         "eval": {"accuracy": curve[max(curve)]},
-        "config": {"privacy": {"importance": "elementwise", "gamma": gamma, "rho": 2.0}},
+        "config": {"privacy": {"importance": "elementwise", "gamma": gamma, "rho": 2.0},
+                   "train": {"learning_rate": learning_rate}},
     }
     write_json(os.path.join(root, name, "summary.json"), summary)
     with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:
@@ -448,3 +449,22 @@ def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
     assert os.path.getsize(out + "_by_step.png") > 0
     assert analysis.main([f"--root={root}", "--seeds=7", f"--out={out}"]) == 2  # nothing matches
 
+
+
+def test_runs_differing_only_in_learning_rate_are_separate_settings_and_pair_within_their_rate(tmp_path):
+    """A rerun at a new learning rate neither replaces the old run's seed nor is paired with it."""
+    root = str(tmp_path / "root")
+    write_run(root, "dp-lr1e-4-seed0", "dp_sgd", 0, {60: 0.50}, learning_rate=1e-4)
+    write_run(root, "a-lr1e-4-seed0", "anadp", 0, {60: 0.51}, gamma=0.5, learning_rate=1e-4)
+    write_run(root, "dp-lr1e-3-seed0", "dp_sgd", 0, {60: 0.79}, learning_rate=1e-3)
+    write_run(root, "a-lr1e-3-seed0", "anadp", 0, {60: 0.80}, gamma=0.5, learning_rate=1e-3)
+    rows = grid.load_rows([root])
+    assert len(rows) == 4  # none dropped as a repeat of another seed 0
+    aggregates = {(a["method"], a["learning_rate"]): a for a in grid.aggregate(rows)}
+    assert len(aggregates) == 4
+    assert aggregates[("dp_sgd", 1e-3)]["mean"] == pytest.approx(0.79)
+    assert aggregates[("anadp", 1e-4)]["diff_mean"] == pytest.approx(0.01)
+    assert aggregates[("anadp", 1e-3)]["diff_mean"] == pytest.approx(0.01)
+    curves = analysis.by_step(rows)
+    assert sorted(k[7] for k in curves if k[3] == "anadp") == [1e-4, 1e-3]
+    assert all(c["diff"][60][0] == pytest.approx(0.01) for k, c in curves.items() if k[3] == "anadp")
