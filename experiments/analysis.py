@@ -146,7 +146,7 @@ def plot(curves: dict, path: str) -> None:
     panels: dict[tuple, list[tuple]] = defaultdict(list)
     for k in curves:
         if k[3] != "non_private":
-            panels[(k[0], k[2], k[5], k[6], k[7])].append(k)  # one panel per learning rate too
+            panels[(k[0], k[2], k[5], k[6], k[7] or 0.0)].append(k)  # one panel per learning rate too
     keys = sorted(panels)
     if not keys:
         return

@@ -923,7 +923,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
 
 
 def _budget_key(a: dict) -> tuple:
-    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"], a["learning_rate"])
+    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"], a["learning_rate"] or 0.0)
 
 
 def _sweeps(aggregates: list[dict]) -> dict[tuple, list[dict]]:
