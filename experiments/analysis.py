@@ -116,7 +116,7 @@ def markdown(curves: dict, spread: dict | None, command: str) -> str:
     lines = [f"Made by `{command}`.", "",
              "Dev metric (×100) at each evaluation step, mean ± sd over seeds; for ANADP, the difference to "
              "DP-SGD paired on the seed at the same step (mean ± sd over pairs, number of pairs).", ""]
-    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], k[7] or 0.0, grid.METHOD_ORDER.get(k[3], 9), k[4]))
+    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], k[7], grid.METHOD_ORDER.get(k[3], 9), k[4]))
     steps = sorted({s for k in keys for s in curves[k]["steps"]})
     lines.append("| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " |")
     lines.append("|---|---|" + "---|" * len(steps))
@@ -146,7 +146,7 @@ def plot(curves: dict, path: str) -> None:
     panels: dict[tuple, list[tuple]] = defaultdict(list)
     for k in curves:
         if k[3] != "non_private":
-            panels[(k[0], k[2], k[5], k[6], k[7] or 0.0)].append(k)  # one panel per learning rate too
+            panels[(k[0], k[2], k[5], k[6], k[7])].append(k)  # one panel per learning rate too
     keys = sorted(panels)
     if not keys:
         return

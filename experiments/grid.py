@@ -697,9 +697,10 @@ def settings_label(row: dict) -> str:
 
 
 def group_key(row: dict) -> tuple:
-    """What makes runs seeds of one setting; runs that differ only in learning rate are different settings."""
+    """What makes runs seeds of one setting; runs that differ only in learning rate are different settings
+    (a run that recorded none counts as 0, so keys stay sortable)."""
     return (row["task"], row["model"], row["finetune"], row["method"], settings_label(row), budget(row),
-            row["steps"], row["learning_rate"])
+            row["steps"], row["learning_rate"] or 0.0)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -766,7 +767,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 agg["n_pairs"] = len(diffs)
         out.append(agg)
     out.sort(key=lambda a: (a["task"], a["model"], a["finetune"], a["steps"], METHOD_ORDER.get(a["method"], 9),
-                            a["budget"], a["settings"], a["learning_rate"] or 0.0))
+                            a["budget"], a["settings"], a["learning_rate"]))
     return out
 
 
@@ -874,7 +875,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
         task, model, finetune, steps = key
         series: dict[tuple, list[dict]] = defaultdict(list)
         for a in panels[key]:
-            series[(a["method"], a["settings"], a["learning_rate"] or 0.0)].append(a)
+            series[(a["method"], a["settings"], a["learning_rate"])].append(a)
         # A method's series are told apart by learning rate only where it ran at more than one.
         lrs_of = defaultdict(set)
         for method, label, lr in series:
@@ -923,7 +924,7 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
 
 
 def _budget_key(a: dict) -> tuple:
-    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"], a["learning_rate"] or 0.0)
+    return (a["task"], a["model"], a["finetune"], a["budget"], a["steps"], a["learning_rate"])
 
 
 def _sweeps(aggregates: list[dict]) -> dict[tuple, list[dict]]:

@@ -450,7 +450,6 @@ def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
     assert analysis.main([f"--root={root}", "--seeds=7", f"--out={out}"]) == 2  # nothing matches
 
 
-
 def test_runs_differing_only_in_learning_rate_are_separate_settings_and_pair_within_their_rate(tmp_path):
     """A rerun at a new learning rate neither replaces the old run's seed nor is paired with it."""
     root = str(tmp_path / "root")
