@@ -60,10 +60,10 @@ def main(argv):
         print(
             f"\n{summary['task']} {summary['method']} ({summary['finetune']}): "
             f"dev {metric} {summary['eval'][metric]:.4f}, epsilon {eps_text}, "
-            f"{summary['steps']} steps, {summary['wall_time_s']:.0f} s"
+            f"{summary['steps']} steps, {summary['nonprivate/wall_time_s']:.0f} s"
         )
         print(f"workdir: {os.path.abspath(_WORKDIR.value)}")
-        print(json.dumps({k: summary[k] for k in ("eval", "epsilon", "delta", "noise_multiplier")}))
+        print(json.dumps({k: summary[k] for k in ("eval", "epsilon", "delta", "noise_multiplier", "randomness")}))
 
 
 if __name__ == "__main__":

@@ -455,6 +455,10 @@ class PrivacyLedger:
         return self._grid
 
     @property
+    def pld_discretization(self) -> float:
+        return self._pld_discretization
+
+    @property
     def reference_noise_multiplier(self) -> float | None:
         return self._anchor
 

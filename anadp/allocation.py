@@ -121,6 +121,30 @@ def check_allocation_args(gamma: float, rho: float, warmup_steps: int) -> None:
         raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
 
 
+def min_noise_scale(sizes: np.ndarray, rho: float) -> float:
+    """A lower bound on `min_k s_k` over every importance vector (`noise_scales`).
+
+    Every amplitude lies in [1/rho, rho]. Group k's scale
+    `a_k sqrt(D / sum_j d_j a_j^2)` grows with `a_k` and shrinks as the others
+    grow, so it is smallest at `a_k = 1/rho` with every other amplitude at
+    `rho`, and of those cases the smallest group's is the lowest:
+
+        s_min = (1/rho) sqrt(D / (d_min / rho^2 + (D - d_min) rho^2)),  D = sum_j d_j.
+
+    One group (or rho = 1) gives 1. It does not depend on gamma's size (only on
+    gamma != 0), which makes it valid for every estimator.
+    """
+    d = np.asarray(sizes, np.float64)
+    if d.size == 0 or np.any(d <= 0):
+        raise ValueError(f"group sizes must be positive, got {d.tolist()[:5]}")
+    if not rho >= 1.0:
+        raise ValueError(f"rho={rho} must be >= 1")
+    total, smallest = float(d.sum()), float(d.min())
+    if d.size == 1:
+        return 1.0
+    return float(np.sqrt(total / (smallest / rho**2 + (total - smallest) * rho**2)) / rho)
+
+
 def noise_scales(
     importance: jax.Array,
     sizes: np.ndarray,

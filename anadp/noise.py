@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from anadp import allocation, importance
+from anadp import allocation, importance, randomness
 from anadp.allocation import Groups
 from anadp.clipping import ClippedSum, check_clipping, clipped_sum
 
@@ -133,11 +133,12 @@ def privatize(
 
 
 class MechanismState(NamedTuple):
-    """What a mechanism carries between steps. All of it is public.
+    """What a mechanism carries between steps. All of it but the noise key is public.
 
     Attributes:
       noise_key: PRNG key; split once per step, so no key is ever reused, also
-        across a resume from a checkpoint of this state.
+        across a resume from a checkpoint of this state. Secret: whoever has it
+        can regenerate the noise (checkpoints that hold it are secret material).
       count: number of steps released so far.
       importance: the estimator's state (EMAs of released quantities); () for DP-SGD.
       scales: the allocation for the next step: a tree like the params with one
@@ -178,7 +179,7 @@ class Mechanism:
     l2_norm_clip: float
     noise_multiplier: float
     expected_batch_size: float
-    seed: int = 0
+    seed: int | None = None
     adaptive: bool = False
     clipping: str = "global"
     gamma: float = 0.0
@@ -229,14 +230,48 @@ class Mechanism:
         """The groups to pass to clipping when the profile must be summed, else None."""
         return self.groups(params) if self.uses_profile else None
 
+    def worst_case_scale(self, params: Any) -> float:
+        """The smallest `min_k s_k` this mechanism's allocation can ever produce.
+
+        1 for DP-SGD and for `gamma = 0`; otherwise the bound of
+        `allocation.min_noise_scale` for these parameters' groups and `rho`,
+        whatever the importances. The literal variant's guarantee rests on it.
+        """
+        if not self.adaptive or self.gamma == 0.0:
+            return 1.0
+        return allocation.min_noise_scale(self.groups(params).sizes, self.rho)
+
+    def accounted_scale(self, step: int, worst_case_scale: float) -> float:
+        """The group scale that step `step` (0-based) is accounted at (METHOD.md, "Accounting").
+
+        Elliptical clipping: 1 (the step is DP-SGD's mechanism at sigma for any
+        allocation). Global clipping: 1 for the steps whose allocation is
+        uniform by construction (the first, and the warmup steps), else the
+        data-independent worst case. The realised allocation is chosen from
+        earlier releases, so composing it would need a privacy filter; the
+        worst case needs none.
+        """
+        uniform = step < max(1, self.warmup_steps)
+        return 1.0 if self.clipping == "elliptical" or uniform else float(worst_case_scale)
+
     # --- state -----------------------------------------------------------------
 
-    def init(self, params: Any) -> MechanismState:
+    def init(self, params: Any, noise_key: jax.Array | None = None) -> MechanismState:
+        """The state before the first step.
+
+        The noise key is `noise_key` if given (the training loop passes its
+        run's secrets), else `PRNGKey(seed)` for a seeded mechanism, else fresh
+        from the operating system's entropy (`seed=None`, the default): noise
+        that anyone can regenerate protects nothing (METHOD.md, "Randomness").
+        Call it outside `jit`, so that a secure key is drawn on every call.
+        """
         ones = jax.tree_util.tree_map(lambda _: jnp.ones([], jnp.float32), params)
         estimator = self.estimator
         state = () if estimator is None else estimator.init(params, self.groups(params))
+        if noise_key is None:
+            noise_key = jax.random.PRNGKey(self.seed) if self.seed is not None else randomness.secure().noise_key
         return MechanismState(
-            noise_key=jax.random.PRNGKey(self.seed),
+            noise_key=jnp.asarray(noise_key, jnp.uint32),
             count=jnp.zeros([], jnp.int32),
             importance=state,
             scales=ones,
@@ -337,9 +372,14 @@ class Mechanism:
 
 
 def dp_sgd_aggregate(
-    l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float, seed: int = 0
+    l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float, seed: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    """DP-SGD: clip each example to C, sum, add N(0, sigma^2 C^2), divide by qN."""
+    """DP-SGD: clip each example to C, sum, add N(0, sigma^2 C^2), divide by qN.
+
+    `seed=None` (the default) draws the noise key from the operating system's
+    entropy at `init`; an int seed makes the noise reproducible by anyone who
+    knows it (research only).
+    """
     return Mechanism(l2_norm_clip, noise_multiplier, expected_batch_size, seed).as_transform()
 
 
@@ -347,7 +387,7 @@ def anadp_aggregate(
     l2_norm_clip: float,
     noise_multiplier: float,
     expected_batch_size: float,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     gamma: float = 0.5,
     rho: float = 2.0,
@@ -364,7 +404,8 @@ def anadp_aggregate(
     With the default elliptical clipping a run has exactly DP-SGD's
     (epsilon, delta) for the same (q, sigma, T) (plus the profile release for
     `importance="private_profile"`); `clipping="global"` is the literal variant
-    whose steps are only (sigma * min_k s_k)-private.
+    whose steps are only (sigma * min_k s_k)-private. `seed`: as for
+    `dp_sgd_aggregate` (None: a secret key from the operating system).
     """
     return Mechanism(
         l2_norm_clip,

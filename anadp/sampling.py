@@ -134,8 +134,9 @@ class PoissonSampler:
         return self._q * self._n
 
     def __repr__(self) -> str:
+        # No seed: it may be a run's secret (anadp.randomness), and reprs end up in logs.
         return (f"PoissonSampler(num_examples={self._n}, sampling_rate={self._q}, "
-                f"physical_batch_size={self._p}, seed={self._seed})")
+                f"physical_batch_size={self._p})")
 
     def sample(self, step: int) -> np.ndarray:
         """Sorted int64 indices of the examples drawn at ``step`` (may be empty)."""

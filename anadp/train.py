@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from anadp import accounting, ghost, importance, models, sampling, sharding
+from anadp import accounting, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
 from anadp.clipping import ClippedSum, clipped_grad_sum
 from anadp.noise import Mechanism, group_values
@@ -75,6 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 _mechanism(config, noise_multiplier=1.0, expected_batch_size=1.0)
             except ValueError as e:
                 raise ValueError(f"config.privacy: {e}") from None
+    randomness.check_mode(p.randomness)
     if t.expected_batch_size <= 0:
         bad("train.expected_batch_size", t.expected_batch_size, "must be > 0")
     if t.physical_batch_size < 1:
@@ -106,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Creates the workdir, checks it is writable, and refuses a foreign one."""
+    """Creates the workdir, checks it is writable, and refuses one that holds another config."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per host
@@ -126,8 +127,13 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                 f"workdir={workdir!r} holds a run with a different config ({'; '.join(diffs[:5])}); "
                 "use a new workdir, or the same config to resume"
             )
-    elif sharding.is_main_process():
-        _write_json(path, resolved)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """config.json, written once the run has set up (a failed start leaves none behind)."""
+    path = os.path.join(workdir, "config.json")
+    if sharding.is_main_process() and not os.path.exists(path):
+        _write_json(path, json.loads(config.to_json()))
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -158,7 +164,6 @@ def _mechanism(config, *, noise_multiplier: float, expected_batch_size: float) -
         l2_norm_clip=p.l2_norm_clip,
         noise_multiplier=noise_multiplier,
         expected_batch_size=expected_batch_size,
-        seed=config.train.seed,
         adaptive=adaptive,
         clipping=p.clipping if adaptive else "global",
         gamma=p.gamma,
@@ -368,49 +373,68 @@ class RunLog:
 def _checkpoint_manager(workdir: str):
     import orbax.checkpoint as ocp
 
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if sharding.is_main_process():
+        # Checkpoints hold the run's secret randomness (and, like the data, they
+        # are not for publication): owner-only.
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
-def save_checkpoint(manager, step: int, state: TrainState, ledger: accounting.PrivacyLedger) -> None:
+def _json_ready(d: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def save_checkpoint(manager, step: int, state: TrainState, ledger: accounting.PrivacyLedger, run: dict) -> None:
+    """Saves the train state, the privacy ledger and `run` (the secrets and the accounting terms)."""
     import orbax.checkpoint as ocp
 
-    ledger_state = {
-        k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ledger.state_dict().items()
-    }
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
-            ledger=ocp.args.JsonSave(ledger_state),
+            ledger=ocp.args.JsonSave(_json_ready(ledger.state_dict())),
+            run=ocp.args.JsonSave(run),
         ),
         force=True,
     )
     manager.wait_until_finished()
 
 
+def _ledger_from(state: dict) -> accounting.PrivacyLedger:
+    state = dict(state)
+    if state.get("reference_noise_multiplier") is None:
+        state["reference_noise_multiplier"] = float("nan")
+    return accounting.PrivacyLedger.from_state_dict(state)
+
+
 def restore_checkpoint(manager, template: TrainState):
+    """(step, state, ledger, run) of the latest checkpoint, or None when there is none."""
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
     if step is None:
         return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore()
-        ),
-    )
-    state = TrainState(**restored["state"])
-    ledger_state = dict(restored["ledger"])
-    if ledger_state.get("reference_noise_multiplier") is None:
-        ledger_state["reference_noise_multiplier"] = float("nan")
-    return step, state, accounting.PrivacyLedger.from_state_dict(ledger_state)
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
+            ),
+        )
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ValueError(
+            f"the checkpoint at step {step} in {manager.directory} cannot be resumed by this version "
+            f"(it lacks the run's secrets or accounting terms: {e}); use a new workdir"
+        ) from None
+    return step, TrainState(**restored["state"]), _ledger_from(restored["ledger"]), dict(restored["run"])
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> dict:
-    """A run's checkpoint as saved ({"state": ..., "ledger": ...}), latest by default."""
+    """A run's checkpoint as saved ({"state", "ledger", "run"}), latest by default."""
     import orbax.checkpoint as ocp
 
     manager = _checkpoint_manager(workdir)
@@ -418,8 +442,44 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     if step is None:
         raise ValueError(f"workdir={workdir!r} has no checkpoint")
     return manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), ledger=ocp.args.JsonRestore())
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
+        ),
     )
+
+
+def accounting_terms(config, noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
+                     worst_case_scale: float, ledger: accounting.PrivacyLedger) -> dict:
+    """Everything that decides how a step is accounted, as a resume must find it unchanged."""
+    from importlib import metadata
+
+    return {
+        "noise_multiplier": float(noise_multiplier),
+        "sampling_rate": float(sampling_rate),
+        "clipping": mechanism.clipping,
+        "profile_noise_multiplier": mechanism.profile_noise_multiplier,
+        "worst_case_scale": float(worst_case_scale),
+        "warmup_steps": int(mechanism.warmup_steps),
+        "accountant": ledger.accountant,
+        "ledger_grid": ledger.grid,
+        "pld_discretization": ledger.pld_discretization,
+        "dp_accounting_version": metadata.version("dp-accounting"),
+    }
+
+
+def check_same_accounting(saved: dict, live: dict, workdir: str) -> None:
+    """Refuses to resume a run whose steps would now be accounted differently."""
+    changed = [
+        f"{k}: {saved.get(k)!r} in the checkpoint, {live.get(k)!r} now"
+        for k in sorted(set(saved) | set(live))
+        if saved.get(k) != live.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"workdir={workdir!r} was accounted differently ({'; '.join(changed)}); resuming would mix two "
+            "accountings in one epsilon: use a new workdir (or the versions the run started with)"
+        )
 
 
 def _versions() -> dict:
@@ -483,12 +543,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     sampling_rate = sampling.sampling_rate_for(t.expected_batch_size, num_train)
     total_steps = t.steps if t.steps > 0 else sampling.steps_for_epochs(t.epochs, sampling_rate)
-    sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, t.seed)
-    expected_batch_size = sampler.expected_batch_size
 
     mechanism = None
     noise_multiplier = None
-    reference = None  # the ledger's anchor: the effective multiplier at uniform scales
+    worst_case_scale = 1.0
     if private:
         profile_ratio = p.profile_noise_ratio if (p.method == "anadp" and p.importance == "private_profile") else None
         if p.noise_multiplier > 0:
@@ -498,24 +556,66 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 p.epsilon, delta, sampling_rate, total_steps, accountant=p.accountant,
                 profile_noise_ratio=profile_ratio,
             )
+        expected_batch_size = sampling_rate * num_train
         mechanism = _mechanism(config, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
-        reference = accounting.effective_noise_multiplier(
-            noise_multiplier, [1.0], mechanism.clipping, mechanism.profile_noise_multiplier
+        worst_case_scale = mechanism.worst_case_scale(trainable)
+
+    def step_multiplier(step: int, scales: Any = None) -> float:
+        """The step's accounted multiplier (worst case), or with `scales` its realised one."""
+        group_scales = [mechanism.accounted_scale(step, worst_case_scale)] if scales is None else scales
+        return accounting.effective_noise_multiplier(
+            noise_multiplier, group_scales, mechanism.clipping, mechanism.profile_noise_multiplier
         )
-    ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference)
+
+    # The ledger's anchor is the multiplier at uniform scales; the literal variant
+    # also keeps the realised sequence, which is not a guarantee (METHOD.md).
+    reference = step_multiplier(0) if private else None
+    ledger = accounting.PrivacyLedger(
+        p.accountant, reference_noise_multiplier=reference, pld_discretization=accounting.DEFAULT_PLD_DISCRETIZATION
+    )
+    literal = mechanism is not None and mechanism.adaptive and mechanism.clipping == "global"
+    realised_ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if literal else None
+    terms = (
+        accounting_terms(config, noise_multiplier, mechanism, sampling_rate, worst_case_scale, ledger)
+        if private else {}
+    )
 
     optimizer = make_optimizer(t, total_steps)
-    state = TrainState(
+    manager = _checkpoint_manager(workdir)
+    template = TrainState(
         trainable=trainable,
         opt_state=optimizer.init(trainable),
-        mechanism=mechanism.init(trainable) if mechanism else (),
+        mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
     )
-    manager = _checkpoint_manager(workdir)
-    start_step = 0
-    restored = restore_checkpoint(manager, state)
+    restored = restore_checkpoint(manager, template)
     if restored is not None:
-        start_step, state, ledger = restored
+        start_step, state, ledger, run_record = restored
+        check_same_accounting(run_record["accounting"], terms, workdir)
+        secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
+        if realised_ledger is not None:
+            realised_ledger = _ledger_from(run_record["realised_ledger"])
         print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
+    else:
+        start_step = 0
+        secrets = randomness.draw(p.randomness, t.seed)
+        state = template._replace(mechanism=mechanism.init(trainable, secrets.noise_key) if mechanism else ())
+    if p.randomness == "seeded" and sharding.is_main_process():
+        print(randomness.SEEDED_WARNING, file=sys.stderr)
+    sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, secrets.sampler_seed)
+
+    def checkpoint(step: int) -> None:
+        run_record = {
+            "secrets": secrets.state_dict(),
+            "accounting": terms,
+            "realised_ledger": _json_ready(realised_ledger.state_dict()) if realised_ledger else None,
+        }
+        save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
+
+    write_config(workdir, config)
+    if restored is None:
+        # The secrets are saved before anything is released, so a crash at any
+        # point resumes with the same randomness (and replays the same releases).
+        checkpoint(0)
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
@@ -539,7 +639,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     last_eval: dict = {}
     epsilon_now = ledger.epsilon(delta) if private else 0.0
-    progress = _ProgressBar(total_steps, start_step)
+    progress = _ProgressBar(total_steps, start_step, private)
     for step in range(start_step, total_steps):
         summed = None
         realised = 0
@@ -563,22 +663,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             scales = mechanism.clip_scales(state.mechanism) if mechanism else None
             part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
             summed = part if summed is None else summed + part
-        if mechanism is not None and mechanism.clipping == "global":
-            z = accounting.effective_noise_multiplier(
-                noise_multiplier, np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales)),
-                "global", mechanism.profile_noise_multiplier,
-            )
-        elif mechanism is not None:
-            z = ledger.reference_noise_multiplier
+        if realised_ledger is not None:
+            scales_used = np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales))
+            realised_ledger.record(sampling_rate, step_multiplier(step, scales_used))
         state = fns.apply(state, summed, sharding.replicate(np.float32(realised)))
         if private:
-            ledger.record(sampling_rate, z)
+            ledger.record(sampling_rate, step_multiplier(step))
         done = step + 1
         record: dict = {"step": done}
         if not private or config.debug.log_private_diagnostics:
             key = "train_batch_size" if not private else "nonprivate/realised_batch_size"
             record[key] = realised
-        if done % t.eval_every == 0 or done == total_steps:
+        evaluating = done % t.eval_every == 0 or done == total_steps
+        if evaluating:
             last_eval = eval_all(state.trainable)
             record["eval"] = last_eval
             if private:
@@ -586,11 +683,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 record["epsilon"] = epsilon_now
             if mechanism is not None and mechanism.adaptive:
                 record.update(_scales_record(mechanism, state, trainable))
-            record["elapsed_s"] = round(time.time() - start_time, 2)
+            # Wall-clock time depends on the realised batch sizes and bucket lengths.
+            record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
             log.write(record)
         progress.update(done, last_eval, epsilon_now, main_metric)
-        if done % t.checkpoint_every == 0 or done == total_steps:
-            save_checkpoint(manager, done, jax.device_get(state), ledger)
+        # Whatever was logged is covered by a checkpoint's ledger and secrets.
+        if evaluating or done % t.checkpoint_every == 0:
+            checkpoint(done)
     progress.close()
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
@@ -606,21 +705,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "delta": delta if private else None,
         "noise_multiplier": noise_multiplier,
         "clipping": mechanism.clipping if mechanism else None,
+        "randomness": p.randomness,
         "steps": total_steps,
         "sampling_rate": sampling_rate,
-        "expected_batch_size": expected_batch_size,
+        "expected_batch_size": sampling_rate * num_train,
         "num_train": num_train,
         "num_trainable_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))),
         "eval": last_eval[primary_split],
         "eval_splits": last_eval,
         "main_metric": main_metric,
         "seed": t.seed,
-        "wall_time_s": round(time.time() - start_time, 2),
+        "nonprivate/wall_time_s": round(time.time() - start_time, 2),
         "versions": _versions(),
         "config": json.loads(config.to_json()),
     }
-    if mechanism is not None and mechanism.clipping == "global" and mechanism.adaptive:
-        # What DP-SGD would claim for the same sigma: NOT this run's guarantee.
+    if literal:
+        # Not guarantees: the realised sequence was chosen adaptively, and DP-SGD's
+        # figure assumes uniform noise. The run's epsilon is the worst case above.
+        summary["worst_case_noise_scale"] = worst_case_scale
+        summary["epsilon_realised_sequence_not_a_guarantee"] = realised_ledger.epsilon(delta)
         summary["dp_sgd_epsilon_same_sigma"] = accounting.compute_epsilon(
             noise_multiplier, sampling_rate, total_steps, delta, accountant=p.accountant
         )
@@ -635,11 +738,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class _ProgressBar:
     """A tqdm bar showing step, dev loss, epsilon so far and the last dev metric."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, private: bool):
         from tqdm import tqdm
 
+        # The rate and times depend on the realised batch sizes: marked as non-private.
+        timing = "{elapsed}<{remaining}, {rate_fmt}" + ("; timing non-private" if private else "")
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr,
-                        disable=not sharding.is_main_process())
+                        disable=not sharding.is_main_process(),
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [" + timing + "{postfix}]")
 
     def update(self, step: int, last_eval: dict, epsilon: float, main_metric: str) -> None:
         postfix = {"eps": f"{epsilon:.3g}"}

@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.privacy.warmup_steps = 0
     config.privacy.grouping = "array"  # array | layer
     config.privacy.profile_noise_ratio = 5.0
+    # secure: noise key and batch sampling from the OS's entropy, kept only in the
+    # (owner-only) checkpoints; seeded: derived from train.seed, reproducible by
+    # anyone who has the config (research, paired comparisons; every output says so).
+    config.privacy.randomness = "secure"
 
     config.train = ml_collections.ConfigDict()
     config.train.expected_batch_size = 256  # qN

@@ -373,7 +373,9 @@ def plan(grid: str | Grid, root: str, *, seeds=None, sets: list[str] | None = No
         for config_file, template in spec.templates:
             config = load_config(config_file)
             overrides: dict[str, Any] = {}
-            for dotted, value in {**template, "train.seed": seed}.items():
+            # Seeded randomness: cells that share a seed share their batches and noise, which
+            # is what pairs them; every summary records the mode (METHOD.md, "Randomness").
+            for dotted, value in {**template, "train.seed": seed, "privacy.randomness": "seeded"}.items():
                 overrides[dotted] = coerce(config, dotted, value)
             for dotted, text in set_pairs:
                 overrides.pop(dotted, None)  # --set wins, and goes last on the command line
@@ -695,7 +697,7 @@ def load_rows(roots: list[str]) -> list[dict]:
                 "main_metric_value": s["eval"][metric],
                 **(last_allocation(workdir) if anadp else NO_ALLOCATION),
                 "steps": s.get("steps"),
-                "wall_time_s": s.get("wall_time_s"),
+                "wall_time_s": s.get("nonprivate/wall_time_s", s.get("wall_time_s")),
                 "command": command,
                 "workdir": workdir,
             }
