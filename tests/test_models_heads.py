@@ -74,7 +74,7 @@ def test_mean_pooling_creates_no_pooler_and_skips_the_checkpoint_one():
     model, params = M.from_pretrained(TINY_BERT, 2, pooling="mean")
     assert "pooler" not in params and model.pooling == "mean"
     assert model.load_report.unexpected == ["bert.pooler.dense.bias", "bert.pooler.dense.weight"]
-    for mode in ("full", "bias"):
+    for mode in ("full", "bias", "head"):
         trainable, frozen = M.partition(params, mode)
         assert "pooler" not in trainable and "pooler" not in frozen
     with pytest.raises(ValueError, match="BERT models only"):

@@ -12,7 +12,7 @@ Public surface::
     hidden = model.apply({"params": params}, input_ids, attention_mask,
                          deterministic=True, method=model.encode)
     tok = tokenizer(name_or_path)
-    trainable, frozen = partition(params, "full" | "lora" | "bias")
+    trainable, frozen = partition(params, "full" | "lora" | "bias" | "head")
     params = combine(trainable, frozen)
     merged = merge_lora(params)        # apply with model.clone(lora=None)
     layer, matrix = layer_and_matrix(path)

@@ -37,11 +37,14 @@ LAYER_DENSE_MODULES = (
     "output",
 )
 
-FINETUNE_MODES = ("full", "lora", "bias")
+FINETUNE_MODES = ("full", "lora", "bias", "head")
 # The task head: everything between the encoder's last hidden states and the
 # logits. BERT's pooler (dense + tanh on [CLS]) is the counterpart of RoBERTa's
-# head dense layer (inside "classifier"), so it trains with the head in every mode.
+# head dense layer (inside "classifier"), so it trains with the head in the
+# lora and bias modes.
 HEAD_NAMES = ("pooler", "classifier")
+# What finetune="head" trains: the classifier alone (a private linear probe).
+CLASSIFIER = "classifier"
 LORA_LEAVES = ("lora_a", "lora_b")
 LORA_SCALE = "lora_scale"
 
@@ -177,6 +180,11 @@ def _is_trainable(path: tuple[str, ...], finetune: str) -> bool:
         return False
     if finetune == "full":
         return True
+    if finetune == "head":
+        # BERT's pooler stays frozen: a linear probe on the pretrained pooled
+        # vector. RoBERTa's "classifier" holds a dense layer before out_proj, so
+        # there head-only training trains a 2-layer head.
+        return path[0] == CLASSIFIER
     if path[0] in HEAD_NAMES:
         return True
     if finetune == "lora":
@@ -197,7 +205,9 @@ def partition(params: Mapping, finetune: str) -> tuple[dict, dict]:
       (BERT: ``pooler`` and ``classifier``; RoBERTa: ``classifier``, which
       holds its dense and projection layers);
     - ``"bias"``: every ``bias`` leaf (dense and LayerNorm, as in BitFit) plus
-      the classification head.
+      the classification head;
+    - ``"head"``: ``classifier`` only (BERT: the final linear layer, pooler
+      frozen; RoBERTa: its dense and projection layers).
 
     ``lora_scale`` constants are always frozen.
     """
