@@ -181,6 +181,19 @@ def test_lora_config_validation():
     assert not M.LoraConfig(targets=("attention.output",)).matches("output")
 
 
+def test_lora_targets_all_covers_every_dense_matrix_of_every_layer():
+    assert M.LoraConfig(targets="all").targets == M.LAYER_DENSE_MODULES
+    assert M.LoraConfig(targets=("query", "all")).targets == M.LAYER_DENSE_MODULES
+    _, params = M.from_config(M.tiny_bert_config(vocab_size=64), 2, lora=M.LoraConfig(targets="all"))
+    for i in range(2):
+        layer = M.flatten_params(params["encoder"][f"layer_{i}"])
+        dense = {".".join(p[:-1]) for p in layer if p[-1] == "kernel"}  # what modeling builds
+        adapted = {".".join(p[:-1]) for p in layer if p[-1] == "lora_a"}
+        assert dense == adapted == set(M.LAYER_DENSE_MODULES) and len(adapted) == 6
+        assert {".".join(p[:-1]) for p in layer if p[-1] == "lora_b"} == adapted
+    assert not any(p[-1] == "lora_a" for p in M.flatten_params(params) if p[0] != "encoder")
+
+
 def test_layer_and_matrix():
     assert M.layer_and_matrix(("encoder", "layer_3", "attention", "query", "lora_a")) == (
         3, "attention.query.lora_a")

@@ -37,6 +37,9 @@ LAYER_DENSE_MODULES = (
     "output",
 )
 
+# A LoRA target standing for every entry of LAYER_DENSE_MODULES.
+ALL_TARGETS = "all"
+
 FINETUNE_MODES = ("full", "lora", "bias", "head")
 # The task head: everything between the encoder's last hidden states and the
 # logits. BERT's pooler (dense + tanh on [CLS]) is the counterpart of RoBERTa's
@@ -59,7 +62,8 @@ class LoraConfig:
     ``targets`` name dense modules inside each transformer layer: one of
     ``LAYER_DENSE_MODULES`` or a dotted suffix of one (``"query"`` matches
     ``attention.query``; ``"output"`` matches both ``attention.output`` and the
-    feed-forward ``output``; ``"attention.output"`` only the former).
+    feed-forward ``output``; ``"attention.output"`` only the former), or
+    ``"all"``: every dense matrix of the layer (stored as ``LAYER_DENSE_MODULES``).
     ``A`` starts uniform in +-1/sqrt(fan_in) (PEFT's Kaiming-uniform), ``B`` at 0,
     so the adapted model equals the base model at initialisation. ``dropout``
     applies to the adapter's input (stream ``"dropout"``).
@@ -71,10 +75,10 @@ class LoraConfig:
     targets: tuple[str, ...] = ("query", "value")
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        else:
-            object.__setattr__(self, "targets", tuple(self.targets))
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if ALL_TARGETS in targets:
+            targets = LAYER_DENSE_MODULES
+        object.__setattr__(self, "targets", targets)
         if int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
