@@ -161,3 +161,21 @@ def test_auto_pooling_reads_the_sentence_transformers_pooling_config(tmp_path):
                   {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}):
         shutil.rmtree(tmp_path / "st")
         assert M.checkpoint_pooling(str(_sentence_transformers_folder(tmp_path, modes))) == "cls"
+
+
+@pytest.mark.parametrize("field, value", [("pooling", "max"), ("head_init", "ones")])
+def test_config_fields_are_validated_with_the_field_named(field, value):
+    from anadp import train
+    from configs import base
+
+    config = base.get_config()
+    assert (config.model.pooling, config.model.head_init) == ("cls", "normal")
+    for pooling in M.POOLING_CHOICES:
+        for head_init in M.HEAD_INITS:
+            config.model.pooling, config.model.head_init = pooling, head_init
+            train.validate_config(config)
+    config.model.finetune = "head"
+    train.validate_config(config)
+    config.model[field] = value
+    with pytest.raises(ValueError, match=rf"config.model.{field}='{value}' is invalid: must be one of \("):
+        train.validate_config(config)
