@@ -58,6 +58,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("privacy.method", p.method, f"must be one of {METHODS}")
     if config.model.finetune not in models.FINETUNE_MODES:
         bad("model.finetune", config.model.finetune, f"must be one of {models.FINETUNE_MODES}")
+    if config.model.pooling not in models.POOLING_CHOICES:
+        bad("model.pooling", config.model.pooling, f"must be one of {models.POOLING_CHOICES}")
+    if config.model.head_init not in models.HEAD_INITS:
+        bad("model.head_init", config.model.head_init, f"must be one of {models.HEAD_INITS}")
     if p.method != "non_private":
         if p.noise_multiplier < 0:
             bad("privacy.noise_multiplier", p.noise_multiplier, "must be >= 0 (0: calibrate to epsilon)")
@@ -537,7 +541,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             dropout=config.model.lora_dropout,
             targets=tuple(x.strip() for x in config.model.lora_targets.split(",") if x.strip()),
         )
-    model, params = models.from_pretrained(config.model.name, task.spec.num_labels, lora=lora, seed=t.seed)
+    # model.pooling holds the pooling after "auto" is resolved.
+    model, params = models.from_pretrained(
+        config.model.name, task.spec.num_labels, lora=lora, seed=t.seed,
+        pooling=config.model.pooling, head_init=config.model.head_init,
+    )
     models.check_max_length(config.data.max_length, model.config)
     trainable, frozen = models.partition(params, config.model.finetune)
 

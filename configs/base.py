@@ -12,11 +12,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "minilm-l6"  # short name, local HF directory, or hub name
-    config.model.finetune = "lora"  # full | lora | bias
+    config.model.finetune = "lora"  # full | lora | bias | head (classifier only: a linear probe)
     config.model.lora_rank = 8
     config.model.lora_alpha = 16.0
     config.model.lora_dropout = 0.0
-    config.model.lora_targets = "query,value"  # comma-separated module names
+    config.model.lora_targets = "query,value"  # comma-separated module names, or "all"
+    config.model.pooling = "cls"  # cls (BERT pooler) | mean (masked token mean, BERT only) | auto (as the checkpoint)
+    config.model.head_init = "normal"  # normal (N(0, initializer_range)) | zeros (zero logits at init)
     config.model.dropout = False  # dropout during training (HF config rates)
 
     config.data = ml_collections.ConfigDict()

@@ -19,19 +19,19 @@ ALL_TARGETS = M.LAYER_DENSE_MODULES
 
 
 @functools.cache
-def tiny_model(kind: str, finetune: str, layers: int = 1):
+def tiny_model(kind: str, finetune: str, layers: int = 1, pooling: str = "cls"):
     """A random model (1 layer unless asked: compilation is most of these tests'
     time), LoRA on every dense module for full and lora fine-tuning (full then
     trains kernels and LoRA factors together); every parameter is jittered so
     that LoRA's B and the biases are not zero."""
-    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune != "bias" else None
+    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune in ("full", "lora") else None
     if kind == "bert":
         config = M.tiny_bert_config(vocab_size=40)
     else:
         with open(os.path.join(FIXTURES, "tiny-roberta", "config.json")) as f:
             config = json.load(f)
     config = dict(config, num_hidden_layers=layers)
-    model, params = M.from_config(config, 3, lora=lora, seed=0)
+    model, params = M.from_config(config, 3, lora=lora, seed=0, pooling=pooling)
     rng = np.random.default_rng(1)
     jitter = lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32) if x.ndim else x  # noqa: E731
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(jitter(np.asarray(x))), params)
@@ -65,11 +65,11 @@ def run_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
-def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1):
+def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1, pooling="cls"):
     """The ghost engine against `clipping.clipped_grad_sum` without microbatches
     (i.e. `clipped_sum(per_example_grads(...))`), in one compiled program; the
     clip norm is the median per-example gradient norm (some rows clipped, some not)."""
-    model, params = tiny_model(kind, finetune, layers)
+    model, params = tiny_model(kind, finetune, layers, pooling)
     trainable, frozen = M.partition(params, finetune)
     batch = tiny_batch(kind)
     mask = jnp.asarray(np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)) if use_mask else None
@@ -134,6 +134,23 @@ def assert_clipped_sums_equal(ref, got, where):
 def test_ghost_equals_vmap(kind, finetune, mode, microbatch_size, use_mask, grouping, layers):
     compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
             layers=layers)
+
+
+# Mean pooling (a masked mean, no pooler) with each mode that trains the
+# classifier's input side differently; head-only training on both models.
+@pytest.mark.parametrize(
+    "kind,finetune,pooling,mode,microbatch_size,use_mask,grouping",
+    [
+        ("bert", "full", "mean", "elliptical", 4, True, "layer"),
+        ("bert", "lora", "mean", "global", None, True, None),
+        ("bert", "head", "mean", "elliptical", 2, True, "array"),
+        ("bert", "head", "cls", "global", None, False, None),
+        ("roberta", "head", "cls", "elliptical", 4, True, "array"),
+    ],
+)
+def test_ghost_equals_vmap_for_pooling_and_head(kind, finetune, pooling, mode, microbatch_size, use_mask, grouping):
+    compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
+            pooling=pooling)
 
 
 def test_both_kernel_norm_methods():

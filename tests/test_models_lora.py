@@ -145,13 +145,29 @@ def test_partition_modes():
     assert "pooler/bias" in names and "pooler/kernel" in names  # the pooler is part of BERT's head
     assert "encoder/layer_0/attention/query/kernel" not in names
     assert M.combine(bias, frozen).keys() == params.keys()
-    with pytest.raises(ValueError, match="unknown finetune mode 'adapter'.*full, lora, bias"):
+    with pytest.raises(ValueError, match="unknown finetune mode 'adapter'.*full, lora, bias, head"):
         M.partition(params, "adapter")
     _, plain = M.from_config(M.tiny_bert_config(vocab_size=64), 3)
     with pytest.raises(ValueError, match="no LoRA factors.*LoraConfig"):
         M.partition(plain, "lora")
     with pytest.raises(ValueError, match="in both trees"):
         M.combine(full, full)
+
+
+def test_head_mode_trains_only_the_classifier(batch):
+    """The private linear probe: BERT's pooler and the encoder stay frozen."""
+    model, params = M.from_config(M.tiny_bert_config(vocab_size=64), 2, lora=M.LoraConfig(rank=2))
+    trainable, frozen = M.partition(params, "head")
+    assert {"/".join(p) for p in _paths(trainable)} == {"classifier/kernel", "classifier/bias"}
+    assert "pooler/kernel" in {"/".join(p) for p in _paths(frozen)}
+    assert _paths(trainable) | _paths(frozen) == _paths(params)
+    grads = _grad(model, trainable, frozen, batch)
+    assert np.any(np.asarray(grads["classifier"]["kernel"]))
+    # RoBERTa's classifier holds dense and out_proj: a 2-layer head.
+    _, params = M.from_pretrained(os.path.join(os.path.dirname(FIXTURE), "tiny-roberta"), 3)
+    trainable, _ = M.partition(params, "head")
+    assert {"/".join(p) for p in _paths(trainable)} == {
+        f"classifier/{layer}/{leaf}" for layer in ("dense", "out_proj") for leaf in ("kernel", "bias")}
 
 
 def test_lora_config_validation():
@@ -163,6 +179,19 @@ def test_lora_config_validation():
     cfg = M.LoraConfig(targets=("output",))
     assert cfg.matches("attention.output") and cfg.matches("output")
     assert not M.LoraConfig(targets=("attention.output",)).matches("output")
+
+
+def test_lora_targets_all_covers_every_dense_matrix_of_every_layer():
+    assert M.LoraConfig(targets="all").targets == M.LAYER_DENSE_MODULES
+    assert M.LoraConfig(targets=("query", "all")).targets == M.LAYER_DENSE_MODULES
+    _, params = M.from_config(M.tiny_bert_config(vocab_size=64), 2, lora=M.LoraConfig(targets="all"))
+    for i in range(2):
+        layer = M.flatten_params(params["encoder"][f"layer_{i}"])
+        dense = {".".join(p[:-1]) for p in layer if p[-1] == "kernel"}  # what modeling builds
+        adapted = {".".join(p[:-1]) for p in layer if p[-1] == "lora_a"}
+        assert dense == adapted == set(M.LAYER_DENSE_MODULES) and len(adapted) == 6
+        assert {".".join(p[:-1]) for p in layer if p[-1] == "lora_b"} == adapted
+    assert not any(p[-1] == "lora_a" for p in M.flatten_params(params) if p[0] != "encoder")
 
 
 def test_layer_and_matrix():

@@ -23,8 +23,8 @@ def _run(model, params, ref):
 
     def both(module, ids, mask, tt):
         hidden = module.encode(ids, mask, tt, deterministic=True)
-        pooled = module.pool(hidden) if module.config.model_type == "bert" else None
-        return hidden, module.head(hidden, deterministic=True), pooled
+        pooled = module.pool(hidden, mask) if module.config.model_type == "bert" else None
+        return hidden, module.head(hidden, mask, deterministic=True), pooled
 
     f = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=both))
     out = f(params, ref["input_ids"], ref["attention_mask"], ref.get("token_type_ids"))

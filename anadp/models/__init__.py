@@ -2,28 +2,34 @@
 
 Public surface::
 
-    model, params = from_pretrained(name_or_path, num_labels, lora=None, seed=0)
-    model, params = from_config(hf_config, num_labels, lora=None, seed=0)
+    model, params = from_pretrained(name_or_path, num_labels, lora=None, seed=0,
+                                    pooling="cls", head_init="normal")
+    model, params = from_config(hf_config, num_labels, lora=None, seed=0,
+                                pooling="cls", head_init="normal")
+    pooling = resolve_pooling(name_or_path, "cls" | "mean" | "auto")  # "cls" | "mean"
     logits = model.apply({"params": params}, input_ids, attention_mask,
                          token_type_ids=None, deterministic=True)
     hidden = model.apply({"params": params}, input_ids, attention_mask,
                          deterministic=True, method=model.encode)
     tok = tokenizer(name_or_path)
-    trainable, frozen = partition(params, "full" | "lora" | "bias")
+    trainable, frozen = partition(params, "full" | "lora" | "bias" | "head")
     params = combine(trainable, frozen)
     merged = merge_lora(params)        # apply with model.clone(lora=None)
     layer, matrix = layer_and_matrix(path)
 """
 from .config import ModelConfig, check_max_length, roberta_base_config, tiny_bert_config
 from .loading import (
+    POOLING_CHOICES,
     SHORT_NAMES,
     LoadReport,
+    checkpoint_pooling,
     convert_checkpoint,
     from_config,
     from_pretrained,
     minilm_path,
     read_safetensors,
     resolve_path,
+    resolve_pooling,
     tokenizer,
 )
 from .lora import (
@@ -38,17 +44,21 @@ from .lora import (
     partition,
     unflatten_params,
 )
-from .modeling import EncoderClassifier
+from .modeling import HEAD_INITS, POOLINGS, EncoderClassifier
 
 __all__ = [
     "EncoderClassifier",
     "FINETUNE_MODES",
+    "HEAD_INITS",
     "LAYER_DENSE_MODULES",
     "LoadReport",
     "LoraConfig",
     "ModelConfig",
+    "POOLINGS",
+    "POOLING_CHOICES",
     "SHORT_NAMES",
     "check_max_length",
+    "checkpoint_pooling",
     "combine",
     "convert_checkpoint",
     "count_params",
@@ -61,6 +71,7 @@ __all__ = [
     "partition",
     "read_safetensors",
     "resolve_path",
+    "resolve_pooling",
     "roberta_base_config",
     "tiny_bert_config",
     "tokenizer",

