@@ -1,0 +1,98 @@
+"""Tests for anadp.audit_one_run: the one-run epsilon bound against its closed
+form and its exact coverage under the worst eps-DP guesser, its monotonicity,
+and the canary, inclusion and membership-metric helpers."""
+
+import math
+
+import pytest
+import scipy.special
+import scipy.stats
+
+from anadp import audit_one_run as aor
+
+# --- the bound from counts ------------------------------------------------------------
+
+
+def test_perfect_guesser_matches_closed_form_and_grows_with_guesses():
+    # 500 guesses, all right, out of m = 1000 canaries: q^500 = 0.05 at q = 0.05^(1/500),
+    # so the bound is logit(0.05^(1/500)) = log(166.4...) = 5.11.
+    bound = aor.epsilon_lower_bound(500, 500, confidence=0.95, num_canaries=1000)
+    assert 5.05 < bound < 5.2
+    assert bound == pytest.approx(aor.perfect_guesser_bound(500, confidence=0.95), abs=1e-8)
+    q = aor.guess_accuracy(bound)
+    assert q**500 == pytest.approx(0.05, rel=1e-6)
+    bounds = [aor.epsilon_lower_bound(r, r, num_canaries=1000) for r in (10, 50, 100, 200, 500, 1000)]
+    assert all(b < c for b, c in zip(bounds, bounds[1:]))
+    # About log(r / log(1 / beta)) for large r.
+    assert bounds[-1] == pytest.approx(math.log(1000 / math.log(20)), abs=0.01)
+
+
+def test_no_better_than_a_coin_gives_zero():
+    assert aor.epsilon_lower_bound(1000, 500) == 0.0
+    assert aor.epsilon_lower_bound(1000, 400) == 0.0
+    assert aor.epsilon_lower_bound(0, 0) == 0.0
+    # 525 of 1000 is not significant at 95% (one-sided binomial p = 0.06), 530 is.
+    assert scipy.stats.binom.sf(524, 1000, 0.5) > 0.05
+    assert aor.epsilon_lower_bound(1000, 525) == 0.0
+    assert aor.epsilon_lower_bound(1000, 530) > 0.0
+
+
+def test_bound_is_where_the_binomial_tail_equals_beta():
+    r, v, beta = 1000, 700, 0.05
+    eps = aor.epsilon_lower_bound(r, v, confidence=1 - beta)
+    assert scipy.stats.binom.sf(v - 1, r, scipy.special.expit(eps)) == pytest.approx(beta, rel=1e-6)
+    assert 0.6 < eps < math.log(0.7 / 0.3)  # below the plug-in logit of the observed accuracy
+
+
+@pytest.mark.parametrize("r", [1, 20, 500])
+def test_monotone_in_num_correct(r):
+    bounds = [aor.epsilon_lower_bound(r, v) for v in range(r + 1)]
+    assert all(b <= c for b, c in zip(bounds, bounds[1:]))
+    assert bounds[0] == 0.0
+    if r > 1:
+        assert bounds[-1] > bounds[-2]
+
+
+def test_higher_confidence_gives_smaller_bound():
+    for r, v in [(100, 80), (1000, 700), (500, 500)]:
+        strict = aor.epsilon_lower_bound(r, v, confidence=0.95)
+        loose = aor.epsilon_lower_bound(r, v, confidence=0.5)
+        assert 0 < strict < loose
+    # At confidence 0.5 the bound is close to the plug-in logit of the accuracy.
+    assert aor.epsilon_lower_bound(1000, 700, confidence=0.5) == pytest.approx(math.log(0.7 / 0.3), abs=0.01)
+
+
+@pytest.mark.parametrize("r", [100, 1000])
+@pytest.mark.parametrize("eps", [0.5, 2.0, 4.0])
+def test_exact_coverage_under_randomized_response(r, eps):
+    # The worst eps-DP guesser is randomised response: v ~ Bin(r, q(eps)). The bound
+    # is nondecreasing in v, so it overstates eps exactly when v >= v0 for the
+    # smallest such v0; that event must have probability <= beta, and for large r
+    # close to beta (the bound is not needlessly conservative).
+    beta = 0.05
+    q = scipy.special.expit(eps)
+    over = [v for v in range(r + 1) if aor.epsilon_lower_bound(r, v, confidence=1 - beta) > eps]
+    if not over:  # 100 guesses certify at most logit(0.05^(1/100)) = 3.5 < 4
+        assert aor.perfect_guesser_bound(r) < eps
+        return
+    v0 = min(over)
+    assert over == list(range(v0, r + 1))
+    p_over = scipy.stats.binom.sf(v0 - 1, r, q)
+    assert p_over <= beta
+    if r == 1000:
+        assert p_over > 0.02
+
+
+def test_count_and_confidence_validation():
+    with pytest.raises(ValueError, match="num_correct=11"):
+        aor.epsilon_lower_bound(10, 11)
+    with pytest.raises(ValueError, match="num_guesses=-1"):
+        aor.epsilon_lower_bound(-1, 0)
+    with pytest.raises(ValueError, match="num_canaries=5"):
+        aor.epsilon_lower_bound(10, 3, num_canaries=5)
+    with pytest.raises(ValueError, match="confidence=1.0"):
+        aor.epsilon_lower_bound(10, 3, confidence=1.0)
+    with pytest.raises(ValueError, match="delta=1.0"):
+        aor.epsilon_lower_bound(10, 3, delta=1.0)
+    with pytest.raises(ValueError, match="epsilon=-1"):
+        aor.one_run_p_value(10, 3, -1.0)
