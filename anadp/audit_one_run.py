@@ -12,24 +12,41 @@ them correct. This module holds the statistics of that audit (no training).
 The bound (the paper's main theorem)
 ------------------------------------
 If the training algorithm is (epsilon, delta)-DP with respect to adding or
-removing one canary, the guesses can do no better than independent coin
+removing one canary, the guesses can do little better than independent coin
 flips that are right with probability
 
     q(epsilon) = e^epsilon / (1 + e^epsilon),
 
-the accuracy of epsilon-DP randomised response on one bit. For delta = 0 the
-theorem says, for every threshold v,
+the accuracy of epsilon-DP randomised response on one bit. With W' ~ Bin(r, q),
+the theorem says that for every threshold v
 
-    P[at least v of the r guesses are correct] <= P[Bin(r, q(epsilon)) >= v].
+    P[at least v of the r guesses are correct]
+        <= P[W' >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= W' < v] / i,
 
-The right-hand side is a p-value for the null hypothesis "the algorithm is
-(epsilon, 0)-DP". It increases with epsilon, so the set of epsilon that the
-observed `v` rejects at level `beta = 1 - confidence` is an interval
-[0, eps_hat), and eps_hat is the reported lower bound: if the true epsilon
-were at or above eps_hat, observing that many correct guesses would have
-probability at most beta. The bound is found by bisection, the binomial tail
-computed exactly with `scipy.stats.binom` (through the count of wrong guesses,
-Bin(r, 1 - q), so that 1 - q is not rounded away when it is tiny).
+where m counts all canaries, guessed on or not (for delta = 0 only the
+binomial tail is left). The right-hand side is a p-value for the null
+hypothesis "the algorithm is (epsilon, delta)-DP". The reported bound eps_hat
+is the supremum of the epsilon that the observed v rejects at level
+beta = 1 - confidence: if the true epsilon were at or above eps_hat, observing
+that many correct guesses would have probability at most beta.
+
+Computing it
+------------
+Bisection over epsilon, with the binomial probabilities exact from
+`scipy.stats.binom` (through the count of wrong guesses, Bin(r, 1 - q), so that
+1 - q is not rounded away when it is tiny). Bisection needs the p-value to be
+nondecreasing in epsilon. It is, whenever c = 2 m delta <= 1: writing
+T(v) = P[W' >= v], the i-th term of the maximum plus the tail is
+
+    T(v) + (c / i) (T(v - i) - T(v)) = (1 - c / i) T(v) + (c / i) T(v - i),
+
+a mixture with nonnegative weights of two tails that grow with q, hence with
+epsilon; a maximum of nondecreasing functions is nondecreasing. The same
+identity shows each term, and so the bound, is monotone in v (terms with
+i > v repeat the window of i = v over a larger i, so the maximum can run over
+all i >= 1). Larger delta is
+refused: the monotonicity is then not guaranteed, and an audit's delta is far
+below 1 / m anyway.
 
 What the bound assumes
 ----------------------
@@ -55,6 +72,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import scipy.special
 import scipy.stats
 
@@ -84,21 +102,50 @@ def guess_accuracy(epsilon: float) -> float:
     return float(scipy.special.expit(epsilon))
 
 
-def one_run_p_value(num_guesses: int, num_correct: int, epsilon: float, *, delta: float = 0.0) -> float:
+def _check_delta(delta: float, num_canaries: int | None) -> None:
+    if not 0.0 <= delta < 1.0:
+        raise ValueError(f"delta={delta} must be in [0, 1)")
+    if delta > 0.0:
+        if num_canaries is None:
+            raise ValueError(f"delta={delta} > 0 needs num_canaries (the m of the 2 m delta term)")
+        if 2.0 * num_canaries * delta > 1.0:
+            raise ValueError(
+                f"delta={delta} must be in [0, 1 / (2 num_canaries)] = [0, {0.5 / num_canaries:.3g}] "
+                f"for num_canaries={num_canaries} (the p-value is only known to be monotone there)"
+            )
+
+
+def one_run_p_value(
+    num_guesses: int,
+    num_correct: int,
+    epsilon: float,
+    *,
+    delta: float = 0.0,
+    num_canaries: int | None = None,
+) -> float:
     """The theorem's bound on P[>= num_correct correct of num_guesses] if the run is (epsilon, delta)-DP.
 
-    For delta = 0 this is the binomial tail P[Bin(r, q(epsilon)) >= v]. Small
-    values reject "(epsilon, delta)-DP"; `epsilon_lower_bound` inverts it.
+    `P[W' >= v] + 2 m delta max_{1 <= i <= v} P[v - i <= W' < v] / i` with
+    W' ~ Bin(r, q(epsilon)), capped at 1; `num_canaries` is m and is needed
+    only when delta > 0. Small values reject "(epsilon, delta)-DP";
+    `epsilon_lower_bound` inverts this in epsilon.
     """
-    _check_counts(num_guesses, num_correct, None)
+    _check_counts(num_guesses, num_correct, num_canaries)
+    _check_delta(delta, num_canaries)
     if epsilon < 0:
         raise ValueError(f"epsilon={epsilon} must be >= 0")
-    if delta != 0.0:
-        raise NotImplementedError("delta > 0 is not implemented yet; only the pure (delta = 0) bound is")
     r, v = int(num_guesses), int(num_correct)
-    # At least v right is at most r - v wrong; a wrong guess has probability
-    # 1 - q = expit(-eps), accurate even where q rounds to 1.
-    return float(scipy.stats.binom.cdf(r - v, r, scipy.special.expit(-epsilon)))
+    # Count wrong guesses: at least v right is at most r - v wrong, and a wrong
+    # guess has probability 1 - q = expit(-eps), accurate even where q rounds to 1.
+    p_wrong = scipy.special.expit(-epsilon)
+    tail = float(scipy.stats.binom.cdf(r - v, r, p_wrong))
+    if delta == 0.0 or v == 0:
+        return tail
+    # v - i <= W' <= v - 1 right is r - v + 1 <= wrong <= r - v + i: for i = 1..v
+    # these are the running sums of the wrong-count pmf from r - v + 1 up to r.
+    window = np.cumsum(scipy.stats.binom.pmf(np.arange(r - v + 1, r + 1), r, p_wrong))
+    worst = float(np.max(window / np.arange(1, v + 1)))
+    return min(1.0, tail + 2.0 * num_canaries * delta * worst)
 
 
 def epsilon_lower_bound(
@@ -116,22 +163,21 @@ def epsilon_lower_bound(
     it is the supremum of the epsilon whose p-value `one_run_p_value` is at
     most 1 - confidence. It is 0 when the guesses are no better than a coin
     (the p-value at epsilon = 0 is above 1 - confidence), nondecreasing in
-    `num_correct`, and at most the bound of a perfect guesser with the same
-    number of guesses, logit((1 - confidence)^(1 / num_guesses)).
+    `num_correct`, nonincreasing in `delta`, and at most the delta = 0 bound of
+    a perfect guesser with the same number of guesses,
+    logit((1 - confidence)^(1 / num_guesses)).
 
-    `num_canaries` (m, the canaries planted, guessed on or not) only enters
-    the delta > 0 correction; with delta = 0 it is optional and only checked
-    to be >= `num_guesses`.
+    `num_canaries` (m, the canaries planted, guessed on or not) enters only
+    the delta > 0 correction, and is required there; with delta = 0 it is
+    optional and only checked to be >= `num_guesses`. `delta` must be at most
+    1 / (2 m) (see the module docstring).
     """
     beta = _check_confidence(confidence)
     _check_counts(num_guesses, num_correct, num_canaries)
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta={delta} must be in [0, 1)")
-    if delta > 0.0:
-        raise NotImplementedError("delta > 0 is not implemented yet; only the pure (delta = 0) bound is")
+    _check_delta(delta, num_canaries)
 
     def rejects(eps: float) -> bool:
-        return one_run_p_value(num_guesses, num_correct, eps) <= beta
+        return one_run_p_value(num_guesses, num_correct, eps, delta=delta, num_canaries=num_canaries) <= beta
 
     if num_correct == 0 or not rejects(0.0):
         return 0.0

@@ -4,6 +4,7 @@ and the canary, inclusion and membership-metric helpers."""
 
 import math
 
+import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
@@ -83,6 +84,50 @@ def test_exact_coverage_under_randomized_response(r, eps):
         assert p_over > 0.02
 
 
+def _p_value_by_definition(r, v, eps, delta, m):
+    """The theorem's right-hand side term by term, with Bin(r, q) itself (no wrong-guess counts)."""
+    q = math.exp(eps) / (1 + math.exp(eps))
+    tail = scipy.stats.binom.sf(v - 1, r, q)
+    windows = [(scipy.stats.binom.sf(v - i - 1, r, q) - tail) / i for i in range(1, m + 1)]
+    return min(1.0, tail + 2 * m * delta * max(windows))
+
+
+@pytest.mark.parametrize(("r", "v", "eps"), [(50, 40, 0.8), (200, 200, 3.0), (200, 150, 0.5), (30, 1, 0.0)])
+@pytest.mark.parametrize("delta", [0.0, 1e-4, 2e-3])
+def test_p_value_matches_the_theorem_term_by_term(r, v, eps, delta):
+    m = 250
+    assert aor.one_run_p_value(r, v, eps, delta=delta, num_canaries=m) == pytest.approx(
+        _p_value_by_definition(r, v, eps, delta, m), rel=1e-9, abs=1e-15
+    )
+
+
+def test_delta_correction_lowers_the_bound_a_little_for_small_delta():
+    m = 1000
+    for r, v in [(500, 500), (1000, 700), (1000, 880)]:
+        bounds = [aor.epsilon_lower_bound(r, v, delta=d, num_canaries=m) for d in (0.0, 1e-7, 1e-5, 1e-4, 5e-4)]
+        assert all(b >= c for b, c in zip(bounds, bounds[1:]))
+        assert bounds[0] - bounds[2] < 0.05  # delta = 1e-5 << 1 / m costs little
+        assert bounds[-1] < bounds[0]
+    # Perfect guesser: the i = 1 window P[W' = r - 1] = r q^(r-1) (1 - q) is about 0.15 at the
+    # delta = 0 bound, so with 2 m delta = 0.02 the tail q^r must drop to about 0.047.
+    eps = aor.epsilon_lower_bound(500, 500, delta=1e-5, num_canaries=m)
+    assert aor.one_run_p_value(500, 500, eps, delta=1e-5, num_canaries=m) == pytest.approx(0.05, rel=1e-6)
+    q = aor.guess_accuracy(eps)
+    assert 0.044 < q**500 < 0.049
+
+
+@pytest.mark.parametrize("delta", [1e-5, 5e-4])
+def test_delta_bound_monotone_in_num_correct_and_p_value_in_epsilon(delta):
+    m, r = 1000, 300
+    bounds = [aor.epsilon_lower_bound(r, v, delta=delta, num_canaries=m) for v in range(0, r + 1, 3)]
+    assert all(b <= c for b, c in zip(bounds, bounds[1:]))
+    # The monotonicity that bisection relies on, at the largest delta allowed (2 m delta = 1) too.
+    for d in (delta, 0.5 / m):
+        for v in (150, 240, 299, 300):
+            p = [aor.one_run_p_value(r, v, e, delta=d, num_canaries=m) for e in np.linspace(0, 8, 161)]
+            assert all(a <= b + 1e-15 for a, b in zip(p, p[1:]))
+
+
 def test_count_and_confidence_validation():
     with pytest.raises(ValueError, match="num_correct=11"):
         aor.epsilon_lower_bound(10, 11)
@@ -96,3 +141,7 @@ def test_count_and_confidence_validation():
         aor.epsilon_lower_bound(10, 3, delta=1.0)
     with pytest.raises(ValueError, match="epsilon=-1"):
         aor.one_run_p_value(10, 3, -1.0)
+    with pytest.raises(ValueError, match="needs num_canaries"):
+        aor.epsilon_lower_bound(10, 3, delta=1e-5)
+    with pytest.raises(ValueError, match=r"delta=0.001 must be in \[0, 1 / \(2 num_canaries\)\]"):
+        aor.epsilon_lower_bound(10, 3, delta=1e-3, num_canaries=1000)
