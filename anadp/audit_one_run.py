@@ -204,3 +204,76 @@ def perfect_guesser_bound(num_guesses: int, *, confidence: float = 0.95) -> floa
         raise ValueError(f"num_guesses={num_guesses} must be an integer >= 1")
     log_q = math.log(beta) / num_guesses  # < 0
     return -math.log(math.expm1(-log_q))  # logit(q) = -log(1/q - 1)
+
+
+# --- from scores to guesses -----------------------------------------------------------
+
+
+def _check_scores(scores, included) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included)
+    if scores.ndim != 1 or scores.shape != included.shape:
+        raise ValueError(f"scores {scores.shape} and included {included.shape} must be 1-D of one length")
+    if included.dtype != np.bool_:
+        raise ValueError(f"included must be a boolean array, got dtype {included.dtype}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    return scores, included
+
+
+def top_bottom_correct(scores, included, k: int) -> int:
+    """Correct guesses when guessing "in" for the k/2 highest scores and "out" for the k/2 lowest.
+
+    The middle `m - k` canaries are abstained on. Ties are broken by canary
+    index (a stable sort), an order fixed before the inclusion bits were
+    drawn, so the guesses stay a function of the scores alone.
+    """
+    scores, included = _check_scores(scores, included)
+    m = scores.size
+    if int(k) != k or k % 2 or not 2 <= k <= m:
+        raise ValueError(f"k={k} must be an even integer in [2, {m}] (the number of canaries)")
+    half = int(k) // 2
+    ranked = included[np.argsort(-scores, kind="stable")]  # highest score first
+    return int(np.sum(ranked[:half]) + np.sum(~ranked[m - half :]))
+
+
+def best_lower_bound(
+    scores,
+    included,
+    *,
+    ks,
+    delta: float = 0.0,
+    confidence: float = 0.95,
+) -> tuple[float, int]:
+    """The best one-run epsilon bound over guess counts `ks`, and the k that gives it.
+
+    `scores` are per-canary membership scores (higher means "more likely
+    trained on"), `included` the true inclusion bits. For each k in `ks` the
+    auditor guesses "in" for the top k/2 and "out" for the bottom k/2
+    (`top_bottom_correct`) and bounds epsilon from the count.
+
+    Choosing the k with the largest bound after seeing how each k did is a
+    multiple comparison: reporting the largest of len(ks) bounds, each valid at
+    level beta = 1 - confidence, could overstate epsilon with probability up to
+    len(ks) beta. So each k is bounded at confidence 1 - beta / len(ks)
+    (Bonferroni): all len(ks) bounds then hold together with probability at
+    least 1 - beta, and so does their maximum, whichever k it comes from. `ks`
+    must be fixed before the scores are seen; each extra k costs a little
+    confidence for all of them. Ties between k go to the first in `ks`.
+    """
+    scores, included = _check_scores(scores, included)
+    beta = _check_confidence(confidence)
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("ks must name at least one guess count")
+    if len(set(ks)) != len(ks):
+        raise ValueError(f"ks={ks} has repeats; each k costs a share of 1 - confidence")
+    per_k_confidence = 1.0 - beta / len(ks)
+    m = scores.size
+    best_eps, best_k = -1.0, ks[0]
+    for k in ks:
+        correct = top_bottom_correct(scores, included, k)
+        eps = epsilon_lower_bound(k, correct, delta=delta, confidence=per_k_confidence, num_canaries=m)
+        if eps > best_eps:
+            best_eps, best_k = eps, k
+    return best_eps, best_k

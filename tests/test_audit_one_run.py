@@ -145,3 +145,96 @@ def test_count_and_confidence_validation():
         aor.epsilon_lower_bound(10, 3, delta=1e-5)
     with pytest.raises(ValueError, match=r"delta=0.001 must be in \[0, 1 / \(2 num_canaries\)\]"):
         aor.epsilon_lower_bound(10, 3, delta=1e-3, num_canaries=1000)
+
+
+# --- from scores to guesses --------------------------------------------------------------
+
+KS = (100, 200, 500, 1000)
+
+
+def _randomized_response_scores(eps, m, seed):
+    """Inclusion bits and scores that see each bit through eps-DP randomised response.
+
+    Each bit is flipped with probability 1 / (1 + e^eps); a uniform jitter in
+    [0, 0.5) breaks ties at random without reordering observed 1s and 0s.
+    """
+    rng = np.random.default_rng(seed)
+    included = rng.random(m) < 0.5
+    flipped = rng.random(m) < 1 / (1 + math.exp(eps))
+    return (included ^ flipped) + 0.5 * rng.random(m), included
+
+
+def test_top_bottom_correct_by_hand():
+    scores = np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.5])
+    included = np.array([True, False, False, False, True, True])
+    # Ranked by score (ties by index): 0 (in), 3 (out), 2 (out), 5 (in), 4 (in), 1 (out).
+    assert aor.top_bottom_correct(scores, included, 2) == 2  # 0 "in" right, 1 "out" right
+    assert aor.top_bottom_correct(scores, included, 4) == 2  # 3 "in" wrong, 4 "out" wrong
+    assert aor.top_bottom_correct(scores, included, 6) == 2  # "in" for 0, 3, 2; "out" for 5, 4, 1
+    # Ties go by index: reversed, the tied canaries 2 and 5 trade places and 5 (in) joins the top 3.
+    assert aor.top_bottom_correct(scores[::-1], included[::-1], 6) == 4
+    with pytest.raises(ValueError, match=r"k=3 must be an even integer in \[2, 6\]"):
+        aor.top_bottom_correct(scores, included, 3)
+    with pytest.raises(ValueError, match="k=8"):
+        aor.top_bottom_correct(scores, included, 8)
+
+
+def test_best_bound_perfect_scores_uses_bonferroni_confidence():
+    rng = np.random.default_rng(0)
+    m = 1000
+    included = rng.random(m) < 0.5
+    assert 450 < included.sum() < 550
+    eps, k = aor.best_lower_bound(included.astype(float), included, ks=KS, confidence=0.95)
+    # k = 500 is the largest all-correct guess count; k = 1000 must guess a few wrong.
+    assert k == 500
+    assert eps == pytest.approx(aor.perfect_guesser_bound(500, confidence=1 - 0.05 / len(KS)), abs=1e-8)
+    assert 4.6 < eps < aor.perfect_guesser_bound(500, confidence=0.95)
+    # One k alone pays no correction.
+    alone, _ = aor.best_lower_bound(included.astype(float), included, ks=[500], confidence=0.95)
+    assert alone == pytest.approx(aor.perfect_guesser_bound(500, confidence=0.95), abs=1e-8)
+
+
+def test_best_bound_is_the_max_of_split_confidence_bounds():
+    scores, included = _randomized_response_scores(1.0, 1000, seed=3)
+    eps, k = aor.best_lower_bound(scores, included, ks=KS, delta=1e-5, confidence=0.9)
+    each = [
+        aor.epsilon_lower_bound(
+            kk, aor.top_bottom_correct(scores, included, kk), delta=1e-5, confidence=1 - 0.1 / 4, num_canaries=1000
+        )
+        for kk in KS
+    ]
+    assert eps == max(each) and k == KS[int(np.argmax(each))]
+    assert eps > 0
+
+
+def test_coin_flip_scores_give_a_bound_near_zero():
+    rng = np.random.default_rng(1)
+    included = rng.random(1000) < 0.5
+    eps, _ = aor.best_lower_bound(rng.normal(size=1000), included, ks=KS)
+    assert 0.0 <= eps < 0.3
+
+
+def test_randomized_response_bound_is_valid_and_not_far_below():
+    eps_true, m = 2.0, 1000
+    bounds = []
+    for seed in range(20):
+        scores, included = _randomized_response_scores(eps_true, m, seed=100 + seed)
+        bounds.append(aor.best_lower_bound(scores, included, ks=(200, 400, 600, 800, 1000))[0])
+    bounds = np.array(bounds)
+    assert np.all(bounds <= eps_true)
+    assert np.all(bounds > eps_true / 3)
+    assert 1.2 < bounds.mean() < eps_true  # about 1.7: accuracy 0.88 on 1000 guesses, less a margin
+
+
+def test_best_bound_validation():
+    scores, included = np.zeros(10), np.zeros(10, bool)
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        aor.best_lower_bound(scores, included[:5], ks=[2])
+    with pytest.raises(ValueError, match="boolean"):
+        aor.best_lower_bound(scores, included.astype(int), ks=[2])
+    with pytest.raises(ValueError, match="finite"):
+        aor.best_lower_bound(np.full(10, np.nan), included, ks=[2])
+    with pytest.raises(ValueError, match="repeats"):
+        aor.best_lower_bound(scores, included, ks=[2, 2])
+    with pytest.raises(ValueError, match="at least one"):
+        aor.best_lower_bound(scores, included, ks=[])
