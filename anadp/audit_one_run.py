@@ -71,10 +71,16 @@ accounting (or the code) wrong.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.special
 import scipy.stats
+
+# Tags mixed into the seeds of the two generators below, so that one integer
+# passed as both seeds still gives unrelated streams.
+_CANARY_STREAM = 0x43414E41  # "CANA"
+_INCLUSION_STREAM = 0x494E434C  # "INCL"
 
 # Bisection stops when the bracket is this narrow; the lower end is reported, so
 # the bound errs on the small side by at most this much.
@@ -277,3 +283,65 @@ def best_lower_bound(
         if eps > best_eps:
             best_eps, best_k = eps, k
     return best_eps, best_k
+
+
+# --- canaries and their inclusion bits -------------------------------------------------
+
+
+def make_canaries(
+    num: int,
+    vocab_words: Sequence[str],
+    *,
+    length: int,
+    num_labels: int,
+    seed: int,
+) -> list[tuple[str, int]]:
+    """`num` canary examples: sentences of `length` random words, each with a random label.
+
+    Words are drawn uniformly with replacement from `vocab_words` and labels
+    uniformly from range(num_labels), all from a NumPy Generator of its own
+    (seeded by `seed`, apart from any training randomness). The label carries
+    no information about the text, so a model can fit a canary only by
+    memorising it, and how well it fits an included canary against an
+    excluded one measures memorisation alone. Texts are distinct (repeats are
+    redrawn), so no two canaries share a text with different labels.
+    Deterministic in `seed`.
+    """
+    if int(num) != num or num < 1:
+        raise ValueError(f"num={num} must be an integer >= 1")
+    if int(length) != length or length < 1:
+        raise ValueError(f"length={length} must be an integer >= 1")
+    if int(num_labels) != num_labels or num_labels < 2:
+        raise ValueError(f"num_labels={num_labels} must be an integer >= 2")
+    words = list(vocab_words)
+    if not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError("vocab_words must be a non-empty sequence of non-blank strings")
+    if len(set(words)) ** length < 2 * num:
+        raise ValueError(
+            f"vocab of {len(set(words))} distinct words at length={length} has too few sentences "
+            f"for num={num} distinct canaries (need at least 2 num)"
+        )
+    rng = np.random.default_rng([int(seed), _CANARY_STREAM])
+    texts: list[str] = []
+    seen: set[str] = set()
+    while len(texts) < num:
+        text = " ".join(words[i] for i in rng.integers(len(words), size=length))
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
+    labels = rng.integers(num_labels, size=num)
+    return [(t, int(y)) for t, y in zip(texts, labels)]
+
+
+def draw_inclusion(num: int, seed: int) -> np.ndarray:
+    """`num` inclusion bits, each True with probability 1/2 independently of the others.
+
+    The bound needs these to be fair coins that the training run cannot see
+    except through the canaries it is given, so they come from a Generator of
+    their own: `seed` should be chosen apart from the training seed (and one
+    integer used for both `make_canaries` and here still gives unrelated draws).
+    """
+    if int(num) != num or num < 1:
+        raise ValueError(f"num={num} must be an integer >= 1")
+    rng = np.random.default_rng([int(seed), _INCLUSION_STREAM])
+    return rng.random(num) < 0.5

@@ -208,9 +208,9 @@ def test_best_bound_is_the_max_of_split_confidence_bounds():
 
 
 def test_coin_flip_scores_give_a_bound_near_zero():
-    rng = np.random.default_rng(1)
-    included = rng.random(1000) < 0.5
-    eps, _ = aor.best_lower_bound(rng.normal(size=1000), included, ks=KS)
+    included = aor.draw_inclusion(1000, seed=1)
+    scores = np.random.default_rng(1).normal(size=1000)
+    eps, _ = aor.best_lower_bound(scores, included, ks=KS)
     assert 0.0 <= eps < 0.3
 
 
@@ -238,3 +238,50 @@ def test_best_bound_validation():
         aor.best_lower_bound(scores, included, ks=[2, 2])
     with pytest.raises(ValueError, match="at least one"):
         aor.best_lower_bound(scores, included, ks=[])
+
+
+# --- canaries and inclusion --------------------------------------------------------------
+
+VOCAB = [f"w{i}" for i in range(500)]
+
+
+def test_canaries_deterministic_distinct_and_well_formed():
+    a = aor.make_canaries(300, VOCAB, length=6, num_labels=2, seed=7)
+    assert a == aor.make_canaries(300, VOCAB, length=6, num_labels=2, seed=7)
+    assert a != aor.make_canaries(300, VOCAB, length=6, num_labels=2, seed=8)
+    assert len(a) == 300 and len({t for t, _ in a}) == 300
+    vocab = set(VOCAB)
+    for text, label in a:
+        words = text.split(" ")
+        assert len(words) == 6 and set(words) <= vocab
+        assert label in (0, 1)
+    assert 0.4 < np.mean([y for _, y in a]) < 0.6
+    three = aor.make_canaries(3000, VOCAB, length=4, num_labels=3, seed=0)
+    np.testing.assert_allclose(np.bincount([y for _, y in three]) / 3000, 1 / 3, atol=0.03)
+
+
+def test_canaries_redraw_repeats_in_a_small_vocabulary():
+    # 3 words at length 3: 27 sentences, 13 canaries must all differ.
+    c = aor.make_canaries(13, ["a", "b", "c"], length=3, num_labels=2, seed=0)
+    assert len({t for t, _ in c}) == 13
+    with pytest.raises(ValueError, match="too few sentences"):
+        aor.make_canaries(14, ["a", "b", "c"], length=3, num_labels=2, seed=0)
+    with pytest.raises(ValueError, match="num_labels=1"):
+        aor.make_canaries(5, VOCAB, length=3, num_labels=1, seed=0)
+    with pytest.raises(ValueError, match="length=0"):
+        aor.make_canaries(5, VOCAB, length=0, num_labels=2, seed=0)
+    with pytest.raises(ValueError, match="non-blank"):
+        aor.make_canaries(5, ["a", " "], length=3, num_labels=2, seed=0)
+
+
+def test_inclusion_fair_deterministic_and_apart_from_the_canaries():
+    bits = aor.draw_inclusion(20_000, seed=5)
+    assert bits.dtype == np.bool_ and bits.shape == (20_000,)
+    assert abs(bits.mean() - 0.5) < 0.015  # 4 standard errors
+    np.testing.assert_array_equal(bits, aor.draw_inclusion(20_000, seed=5))
+    assert np.mean(bits == aor.draw_inclusion(20_000, seed=6)) == pytest.approx(0.5, abs=0.015)
+    # The same integer seed for the canaries' labels and for the bits gives unrelated draws.
+    labels = np.array([y for _, y in aor.make_canaries(20_000, VOCAB, length=3, num_labels=2, seed=5)])
+    assert np.mean(labels == bits) == pytest.approx(0.5, abs=0.015)
+    with pytest.raises(ValueError, match="num=0"):
+        aor.draw_inclusion(0, seed=1)
