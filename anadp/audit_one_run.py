@@ -345,3 +345,56 @@ def draw_inclusion(num: int, seed: int) -> np.ndarray:
         raise ValueError(f"num={num} must be an integer >= 1")
     rng = np.random.default_rng([int(seed), _INCLUSION_STREAM])
     return rng.random(num) < 0.5
+
+
+# --- membership metrics of the same scores ---------------------------------------------
+
+
+def _two_classes(scores, included) -> tuple[np.ndarray, np.ndarray]:
+    scores, included = _check_scores(scores, included)
+    n_in = int(included.sum())
+    if n_in == 0 or n_in == included.size:
+        raise ValueError(f"need included and excluded canaries, got {n_in} included of {included.size}")
+    return scores, included
+
+
+def membership_auc(scores, included) -> float:
+    """Area under the ROC curve of `scores` as a test of "included": P[s_in > s_out] + P[s_in = s_out] / 2.
+
+    The Mann-Whitney statistic from average ranks (ties count one half), in
+    O(m log m) with NumPy alone. 1 for scores that rank every included canary
+    above every excluded one, 0 for the reverse, about 1/2 for scores that
+    carry no membership signal. An average over all canaries, it complements
+    the epsilon bound, which rests on the most confident guesses.
+    """
+    scores, included = _two_classes(scores, included)
+    order = np.argsort(scores, kind="stable")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(scores.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank of each tie group
+    n_in = int(included.sum())
+    n_out = scores.size - n_in
+    return float((ranks[included].sum() - n_in * (n_in + 1) / 2.0) / (n_in * n_out))
+
+
+def tpr_at_fpr(scores, included, fpr: float = 0.01) -> float:
+    """Largest true-positive rate of a threshold test "included iff score >= t" whose false-positive rate is <= fpr.
+
+    Rates are empirical over the given canaries and thresholds run over the
+    observed scores (a tie group is in or out as a whole); no interpolation
+    between thresholds, so this is what some actual threshold achieves. 0 when
+    no threshold stays within `fpr`.
+    """
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr={fpr} must be in [0, 1]")
+    scores, included = _two_classes(scores, included)
+    order = np.argsort(-scores, kind="stable")
+    ranked, ranked_in = scores[order], included[order]
+    true_pos = np.cumsum(ranked_in)
+    false_pos = np.cumsum(~ranked_in)
+    # A threshold at a score admits its whole tie group: keep the last position of each group.
+    group_end = np.append(ranked[1:] != ranked[:-1], True)
+    n_in = int(included.sum())
+    n_out = scores.size - n_in
+    allowed = group_end & (false_pos / n_out <= fpr)  # a division, so fpr = 29 / 100 admits 29 of 100
+    return float(true_pos[allowed].max() / n_in) if allowed.any() else 0.0

@@ -285,3 +285,70 @@ def test_inclusion_fair_deterministic_and_apart_from_the_canaries():
     assert np.mean(labels == bits) == pytest.approx(0.5, abs=0.015)
     with pytest.raises(ValueError, match="num=0"):
         aor.draw_inclusion(0, seed=1)
+
+
+# --- membership metrics -----------------------------------------------------------------
+
+
+def test_auc_perfect_reversed_random_and_tied():
+    included = aor.draw_inclusion(4000, seed=2)
+    perfect = included + np.random.default_rng(0).random(4000)
+    assert aor.membership_auc(perfect, included) == 1.0
+    assert aor.membership_auc(-perfect, included) == 0.0
+    assert aor.membership_auc(np.random.default_rng(1).normal(size=4000), included) == pytest.approx(0.5, abs=0.03)
+    assert aor.membership_auc(np.zeros(4000), included) == 0.5
+    # Invariant under a strictly increasing map of the scores.
+    noisy = included + np.random.default_rng(3).normal(size=4000)
+    assert aor.membership_auc(np.exp(noisy), included) == pytest.approx(aor.membership_auc(noisy, included))
+
+
+def test_auc_equals_the_pairwise_count_with_ties():
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 5, size=60).astype(float)  # many ties
+    included = rng.random(60) < 0.4
+    s_in, s_out = scores[included][:, None], scores[~included][None, :]
+    pairwise = np.mean((s_in > s_out) + 0.5 * (s_in == s_out))
+    assert aor.membership_auc(scores, included) == pytest.approx(pairwise, rel=1e-12)
+
+
+def test_tpr_at_fpr_by_hand_and_by_brute_force():
+    scores = np.array([5.0, 4.0, 4.0, 3.0, 2.0, 1.0])
+    included = np.array([True, True, False, True, False, False])
+    assert aor.tpr_at_fpr(scores, included, fpr=0.0) == pytest.approx(1 / 3)  # t = 5; t = 4 lets the tie's out in
+    assert aor.tpr_at_fpr(scores, included, fpr=1 / 3) == 1.0  # t = 3: 3 of 3 in, 1 of 3 out
+    assert aor.tpr_at_fpr(scores, included, fpr=1.0) == 1.0
+    assert aor.tpr_at_fpr(-scores, included, fpr=0.0) == 0.0  # top score is out: no threshold has FPR 0
+    # An FPR exactly at the limit counts (0.29 * 100 rounds to 28.999999999999996): the 29 top
+    # scores are out, the next 100 in, 71 more out.
+    scores = -np.arange(200.0)
+    included = (np.arange(200) >= 29) & (np.arange(200) < 129)
+    assert aor.tpr_at_fpr(scores, included, fpr=0.29) == 1.0
+    assert aor.tpr_at_fpr(scores, included, fpr=0.28) == 0.0
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scores = rng.integers(0, 8, size=40).astype(float)
+        included = rng.random(40) < 0.5
+        fpr = rng.choice([0.0, 0.05, 0.2, 0.5])
+        best = 0.0
+        for t in np.unique(scores):
+            guess = scores >= t
+            if np.mean(guess[~included]) <= fpr:
+                best = max(best, np.mean(guess[included]))
+        assert aor.tpr_at_fpr(scores, included, fpr=fpr) == pytest.approx(best)
+
+
+def test_tpr_at_fpr_perfect_reversed_random():
+    included = aor.draw_inclusion(4000, seed=6)
+    perfect = included + np.random.default_rng(0).random(4000)
+    assert aor.tpr_at_fpr(perfect, included, fpr=0.01) == 1.0
+    assert aor.tpr_at_fpr(-perfect, included, fpr=0.01) == 0.0
+    assert aor.tpr_at_fpr(np.random.default_rng(1).normal(size=4000), included, fpr=0.01) < 0.03
+
+
+def test_membership_metric_validation():
+    with pytest.raises(ValueError, match="need included and excluded canaries, got 0 included of 5"):
+        aor.membership_auc(np.zeros(5), np.zeros(5, bool))
+    with pytest.raises(ValueError, match="got 5 included of 5"):
+        aor.tpr_at_fpr(np.zeros(5), np.ones(5, bool))
+    with pytest.raises(ValueError, match=r"fpr=1.5 must be in \[0, 1\]"):
+        aor.tpr_at_fpr(np.zeros(5), np.array([True, False, True, False, True]), fpr=1.5)
