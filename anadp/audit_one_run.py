@@ -44,9 +44,8 @@ a mixture with nonnegative weights of two tails that grow with q, hence with
 epsilon; a maximum of nondecreasing functions is nondecreasing. The same
 identity shows each term, and so the bound, is monotone in v (terms with
 i > v repeat the window of i = v over a larger i, so the maximum can run over
-all i >= 1). Larger delta is
-refused: the monotonicity is then not guaranteed, and an audit's delta is far
-below 1 / m anyway.
+all i >= 1). Larger delta is refused: the monotonicity is then not
+guaranteed, and an audit's delta is far below 1 / m anyway.
 
 What the bound assumes
 ----------------------
@@ -62,10 +61,19 @@ What the bound assumes
 Unlike the repeated-trial audit, the bound is loose for Gaussian noise at
 large epsilon: a run of `m` canaries certifies at most about
 log(m / log(1/beta)) even with perfect guesses, and it reaches epsilon only if
-the guesses kept are about as accurate as q(epsilon), which a Gaussian
-mechanism allows only for a few of them. A one-run bound below the
-accountant's epsilon therefore proves little; one above it proves the
-accounting (or the code) wrong.
+the guesses kept are about as accurate as q(epsilon); under Gaussian noise so
+accurate a guess is rare. A one-run bound below the accountant's epsilon
+therefore proves little; one above it proves the accounting (or the code)
+wrong.
+
+Usage (the training run and the scoring of canaries are up to the caller):
+
+    canaries = make_canaries(1000, vocab, length=8, num_labels=2, seed=11)
+    included = draw_inclusion(1000, seed=12)
+    # ... train on the task data plus canaries[i] for each i with included[i],
+    # then score every canary, e.g. the loss drop on its label ...
+    eps, k = best_lower_bound(scores, included, ks=(100, 200, 500, 1000), delta=1e-5)
+    membership_auc(scores, included), tpr_at_fpr(scores, included, fpr=0.01)
 """
 
 from __future__ import annotations
