@@ -167,6 +167,17 @@ RECIPE_STEP1 = [
 ]
 
 
+# From mean pooling: the head alone (the private linear probe), then one change at a time.
+RECIPE_STEP2 = [
+    {"model.finetune": "head"},
+    {"model.head_init": "zeros"},
+    {"train.expected_batch_size": 1024},
+    {"model.finetune": "full", "train.learning_rate": 1e-3},
+    {"train.epochs": 6.0},
+    {"privacy.l2_norm_clip": 0.1},
+]
+
+
 GRIDS: dict[str, Grid] = {
     "rt_main": Grid(
         "Rotten Tomatoes, LoRA: non-private, DP-SGD and ANADP at epsilon 1, 3, 8",
@@ -203,6 +214,14 @@ GRIDS: dict[str, Grid] = {
     "rt_recipe": Grid(
         "Rotten Tomatoes, epsilon 3, seed 0: DP-SGD with one change at a time from the default recipe",
         _recipe(RT, RECIPE_STEP1),
+        (0,),
+    ),
+    "rt_recipe_mean": Grid(
+        "Rotten Tomatoes, epsilon 3, seed 0: the recipe search from mean pooling (the pooling "
+        "all-MiniLM-L6-v2 was trained with), one change at a time; non-private and head-only for reference",
+        _recipe(RT, [{"model.pooling": "mean"}])
+        + _recipe(RT, [{"model.pooling": "mean", "train.learning_rate": 2e-3}], method="non_private")
+        + _recipe(RT, [{"model.pooling": "mean", **change} for change in RECIPE_STEP2]),
         (0,),
     ),
     "rt_profile": Grid(
