@@ -161,3 +161,32 @@ def test_groups_by_array_and_by_layer():
     assert dict(zip(by_layer.names, by_layer.sizes.tolist()))["encoder/layer_0"] == 6
     with pytest.raises(ValueError, match="grouping='rows' is not one of"):
         allocation.make_groups(params, "rows")
+
+
+@pytest.mark.parametrize("rho", [1.5, 2.0, 4.0])
+def test_no_allocation_goes_below_the_worst_case_scale(rho):
+    """The literal variant's epsilon rests on this bound (METHOD.md)."""
+    rng = np.random.default_rng(int(rho * 10))
+    sizes = np.array([2, 384, 3072, 3072, 147456, 16])
+    bound = allocation.min_noise_scale(sizes, rho)
+    lowest = np.inf
+    for gamma in (-1.0, -0.5, 0.5, 1.0, 3.0):
+        for _ in range(200):
+            # Heavy-tailed importances, some exactly zero: the extremes the clip meets.
+            scores = rng.lognormal(0.0, 4.0, size=sizes.size) * (rng.random(sizes.size) > 0.2)
+            scales = np.asarray(allocation.noise_scales(scores, sizes, gamma=gamma, rho=rho))
+            lowest = min(lowest, scales.min())
+    assert lowest >= bound * (1 - 1e-6)
+    # The bound is attained: the smallest group at amplitude 1/rho, every other at rho.
+    extreme = np.where(sizes == sizes.min(), 1e6, 1e-9)
+    attained = np.asarray(allocation.noise_scales(extreme, sizes, gamma=1.0, rho=rho)).min()
+    assert attained == pytest.approx(bound, rel=1e-5)
+
+
+def test_worst_case_scale_edge_cases():
+    assert allocation.min_noise_scale(np.array([10]), 4.0) == 1.0
+    assert allocation.min_noise_scale(np.array([3, 5]), 1.0) == pytest.approx(1.0)
+    # Far more parameters elsewhere: about 1/rho^2.
+    assert allocation.min_noise_scale(np.array([1, 10**9]), 2.0) == pytest.approx(0.25, rel=1e-6)
+    with pytest.raises(ValueError, match="rho=0.5 must be >= 1"):
+        allocation.min_noise_scale(np.array([1, 2]), 0.5)
