@@ -12,6 +12,15 @@ In both modes every example's contribution to the returned sum has norm at most
 C (in the space the noise is added in), and a row whose mask is 0 contributes
 exactly zero. Nothing computed here is public: the sums must go through
 `noise.release` before anything derived from them leaves the step.
+
+Non-finite rows: an example whose gradient has a NaN or inf entry (an overflow
+in its forward pass, a corrupt input) gets clip factor 0 and contributes
+exactly nothing, to the sum and to the norm profile. Wherever a factor meets a
+gradient, rows with factor 0 are selected away with `jnp.where` before any
+product, because 0 * NaN is NaN: one bad example must not poison the step.
+Dropping such an example is a data-dependent choice of the same kind as
+clipping it (its contribution, 0, still has norm <= C), so the guarantee is
+unchanged; how many were dropped is private, and is not counted.
 """
 
 from __future__ import annotations
@@ -106,7 +115,10 @@ def clipped_sum(
 
     def weighted_sum(g, s):
         summed = jnp.einsum(
-            "b,b...->...", factors.astype(g.dtype), g, preferred_element_type=jnp.float32
+            "b,b...->...",
+            factors.astype(g.dtype),
+            zero_dropped_rows(g, factors),
+            preferred_element_type=jnp.float32,
         )
         return summed / s if clipping == "elliptical" else summed
 
@@ -129,8 +141,10 @@ def clip_factors(
     """Per-example clip factors [B] from per-leaf squared norms (each [B]).
 
     Elliptical: min(1, C / ||g / s||) with ||g / s||^2 = sum_leaf ||g_leaf||^2 / s_leaf^2;
-    global: min(1, C / ||g||). Rows whose mask is 0 get factor 0. Shared by the
-    vmap path here and the ghost-norm path (`anadp.ghost`).
+    global: min(1, C / ||g||). Rows whose mask is 0, and rows whose norm is not
+    finite (a NaN or inf in the gradient), get factor 0; apply the factors with
+    `zero_dropped_rows`, never by multiplication alone. Shared by the vmap path
+    here and the ghost-norm path (`anadp.ghost`).
     """
     check_clipping(clipping)
     if clipping == "elliptical":
@@ -141,19 +155,34 @@ def clip_factors(
     norms = jnp.sqrt(total_sq)
     # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
     factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
-    if mask is not None:
-        factors = jnp.where(mask.astype(bool), factors, 0.0)
-    return factors
+    return jnp.where(_counted_rows(norms, mask), factors, 0.0)
+
+
+def _counted_rows(norms: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[B] bool: the row is real (mask 1) and its norm is finite."""
+    counted = jnp.isfinite(norms)
+    return counted if mask is None else counted & mask.astype(bool)
+
+
+def zero_dropped_rows(x: jax.Array, factors: jax.Array) -> jax.Array:
+    """`x` [B, ...] with the rows whose clip factor is 0 set to exactly 0.
+
+    By selection, not multiplication: a dropped row (padding, or an example
+    with a non-finite gradient) may hold NaN or inf, and 0 * NaN is NaN.
+    """
+    keep = (factors != 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros([], x.dtype))
 
 
 def norm_profile(sq_norms: list[jax.Array], groups: Groups, mask: jax.Array | None = None) -> jax.Array:
     """[K] sum over unmasked rows of u_i = (||g_{i,1}||, ..., ||g_{i,K}||) / ||g_i||
-    (0 for a zero gradient), from per-leaf squared norms (each [B])."""
+    (0 for a zero gradient), from per-leaf squared norms (each [B]). A row
+    whose norm is not finite adds 0."""
     group_norms = jnp.sqrt(allocation.group_sum(sq_norms, groups))  # [K, B]
     raw_norms = jnp.sqrt(sum(sq_norms))  # [B]
     unit = group_norms / jnp.where(raw_norms > 0, raw_norms, 1.0)
-    weights = jnp.ones([unit.shape[1]]) if mask is None else mask.astype(jnp.float32)
-    return unit @ weights
+    # Selected, not weighted by the mask: a non-finite row's unit vector is NaN.
+    return jnp.sum(jnp.where(_counted_rows(raw_norms, mask)[None, :], unit, 0.0), axis=1)
 
 
 def clipped_grad_sum(

@@ -34,6 +34,13 @@ Here, for each microbatch:
    scatter-add for embeddings), no second backward pass; divided by the scales
    for elliptical clipping, as `clipping.clipped_sum` does.
 
+An example whose loss is not finite has NaN or inf in its records or
+cotangents, hence a non-finite squared norm for some leaf, hence clip factor 0
+(`clipping.clip_factors`). Its rows of every record and cotangent are then
+selected to 0 (`clipping.zero_dropped_rows`) before they meet a factor or
+another array, both operands of a product included: it contributes exactly
+nothing, as in the vmap path.
+
 The loss is the training loop's (`train.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
 hook, or a module applied more than once, is an error, never a silent
@@ -113,10 +120,21 @@ def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: st
 
 def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
     """``sum_i c_i a_i^T d_i`` (one matmul over examples and tokens); a: [B, ..., m],
-    d: [B, ..., n], c: [B]."""
-    a_t, d_t = _tokens(a), _tokens(d)
+    d: [B, ..., n], c: [B]. Rows with c_i = 0 are dropped from both operands."""
+    a_t = _tokens(_kept(a, c))
+    d_t = _tokens(_kept(d, c))
     d_t = d_t * c[:, None, None].astype(d_t.dtype)
     return jnp.einsum("btm,btn->mn", a_t, d_t, preferred_element_type=jnp.float32)
+
+
+def _kept(x: jax.Array, c: jax.Array) -> jax.Array:
+    """`x` [B, ...] with the rows of dropped examples (clip factor 0) exactly 0."""
+    return clipping_lib.zero_dropped_rows(x, c)
+
+
+def _weighted_tokens(d: jax.Array, c: jax.Array) -> jax.Array:
+    """[B, T, F] float32 ``c_i * d_i,t``, dropped rows exactly 0."""
+    return _f32(_tokens(_kept(d, c))) * c[:, None, None]
 
 
 def _row_sq_norms(v: jax.Array) -> jax.Array:
@@ -151,7 +169,7 @@ def _dense_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
         if "kernel" in leaves:
             out["kernel"] = _weighted_product(x, d, c)
         if "bias" in leaves:
-            out["bias"] = jnp.sum(_f32(_tokens(d)) * c[:, None, None], axis=(0, 1))
+            out["bias"] = jnp.sum(_weighted_tokens(d, c), axis=(0, 1))
         if "lora_a" in leaves:
             out["lora_a"] = _weighted_product(x, dz, c)
         if "lora_b" in leaves:
@@ -172,10 +190,10 @@ def _layer_norm_rule(leaves, records, cotangents, module_params, grams, kernel_n
         sq["bias"] = _row_sq_norms(jnp.sum(_f32(d), axis=1))
 
     def finish(c):
-        dc = _f32(d) * c[:, None, None]
+        dc = _weighted_tokens(d, c)
         out = {}
         if "scale" in leaves:
-            out["scale"] = jnp.sum(_f32(xhat) * dc, axis=(0, 1))
+            out["scale"] = jnp.sum(_f32(_kept(xhat, c)) * dc, axis=(0, 1))
         if "bias" in leaves:
             out["bias"] = jnp.sum(dc, axis=(0, 1))
         return out
@@ -203,7 +221,7 @@ def _embed_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
         sq = jnp.sum(jnp.where(same, grams(d_raw), 0.0), axis=(1, 2))
 
     def finish(c):
-        dc = _f32(d) * c[:, None, None]
+        dc = _weighted_tokens(d, c)
         table = jnp.zeros((rows, features), jnp.float32)
         return {"embedding": table.at[ids.reshape(-1)].add(dc.reshape(-1, features))}
 

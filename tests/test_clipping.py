@@ -148,3 +148,88 @@ def test_zero_gradient_has_zero_profile_and_no_nan():
 def test_unknown_clipping_mode():
     with pytest.raises(ValueError, match="clipping='ellipse' is not one of"):
         clipping.check_clipping("ellipse")
+
+
+NAN_ROW, INF_ROW = 2, 5
+
+
+def poisoned(grads):
+    """`grads` with a NaN in one entry of example NAN_ROW and an inf in one of example INF_ROW."""
+    return {
+        "dense": {"kernel": grads["dense"]["kernel"].at[NAN_ROW, 1, 2].set(jnp.nan), "bias": grads["dense"]["bias"]},
+        "head": grads["head"].at[INF_ROW, 0].set(jnp.inf),
+    }
+
+
+# None: every row real, the bad ones included; "bad_real": padding elsewhere;
+# "bad_padding": the bad rows are padding themselves (a mask 0 must not let a NaN through).
+BAD_ROW_MASKS = {
+    None: None,
+    "bad_real": [1, 1, 1, 0, 1, 1, 1],
+    "bad_padding": [1, 0, 0, 1, 1, 0, 1],
+}
+
+
+def without_bad_rows(mask, batch=7):
+    kept = np.ones(batch, np.float32) if mask is None else np.array(mask, np.float32)
+    kept[[NAN_ROW, INF_ROW]] = 0.0
+    return jnp.asarray(kept)
+
+
+def assert_trees_equal_and_finite(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert np.all(np.isfinite(np.asarray(x)))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("mode", ["elliptical", "global"])
+@pytest.mark.parametrize("mask_kind", list(BAD_ROW_MASKS))
+def test_non_finite_rows_contribute_exactly_nothing(mode, mask_kind):
+    """A NaN or inf example is dropped: the sum, the profile and the release are
+    finite and bit for bit those of the clean batch with that example masked out."""
+    grads = random_grads(jax.random.PRNGKey(8))
+    bad = poisoned(grads)
+    mask = BAD_ROW_MASKS[mask_kind]
+    mask = None if mask is None else jnp.asarray(mask, jnp.float32)
+    dropped = without_bad_rows(mask)
+    groups = allocation.make_groups(SCALES)
+    kwargs = dict(l2_norm_clip=C, clipping=mode, groups=groups)
+    got = anadp.clipped_sum(bad, SCALES, mask=mask, **kwargs)
+    want = anadp.clipped_sum(grads, SCALES, mask=dropped, **kwargs)
+    assert_trees_equal_and_finite(got, want)
+    assert float(jnp.sum(want.profile)) > 0
+
+    release = dict(l2_norm_clip=C, noise_multiplier=1.0, expected_batch_size=4.0, clipping=mode)
+    key = jax.random.PRNGKey(9)
+    assert_trees_equal_and_finite(
+        anadp.privatize(bad, SCALES, key, mask=mask, **release),
+        anadp.privatize(grads, SCALES, key, mask=dropped, **release),
+    )
+
+    # The mechanism (released gradient and next state, profile included) likewise.
+    params = jax.tree_util.tree_map(lambda g: jnp.zeros(g.shape[1:]), grads)
+    mech = anadp.Mechanism(C, 1.0, 4.0, seed=1, adaptive=True, clipping=mode, gamma=1.0, rho=3.0,
+                           importance="private_profile")
+    state = mech.init(params)._replace(scales=SCALES)
+    assert_trees_equal_and_finite(
+        mech.update(bad, state, params, mask=mask), mech.update(grads, state, params, mask=dropped)
+    )
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 2])
+def test_memory_path_drops_non_finite_rows(microbatch_size):
+    params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.array([0.5, -2.0])}
+    coeffs = {
+        "w": jax.random.normal(jax.random.PRNGKey(10), (8, 2, 3)),
+        "b": jax.random.normal(jax.random.PRNGKey(11), (8, 2)),
+    }
+    bad = {"w": coeffs["w"].at[1, 0, 0].set(jnp.nan), "b": coeffs["b"].at[6, 1].set(-jnp.inf)}
+    mask = jnp.array([1, 1, 1, 0, 1, 0, 1, 1], jnp.float32)
+    dropped = mask.at[jnp.array([1, 6])].set(0.0)
+    groups = allocation.make_groups(params)
+    kwargs = dict(l2_norm_clip=C, clipping="elliptical", groups=groups, microbatch_size=microbatch_size)
+    scales = {"w": 0.7, "b": 1.9}
+    assert_trees_equal_and_finite(
+        anadp.clipped_grad_sum(quadratic_loss, params, {"g": bad}, scales, mask=mask, **kwargs),
+        anadp.clipped_grad_sum(quadratic_loss, params, {"g": coeffs}, scales, mask=dropped, **kwargs),
+    )

@@ -229,3 +229,52 @@ def test_config_validation_of_the_engine():
     config.train.clipping_engine = "fast"
     with pytest.raises(ValueError, match="clipping_engine"):
         train.validate_config(config)
+
+
+def test_non_finite_examples_contribute_exactly_nothing():
+    """Tiny BERT, full fine-tuning: two examples hold a token whose embedding row
+    is NaN (one) or inf (the other), so their losses and every record and
+    cotangent of theirs are non-finite. Both engines drop them: finite sums
+    (and profiles), bit for bit the sums with those rows masked out, and those of
+    the clean model (the bad rows used by no one else) with them masked out."""
+    model, clean = tiny_model("bert", "full")
+    nan_row, inf_row = 2, 5
+    table = clean["embeddings"]["word_embeddings"]["embedding"]
+    # Ids 1 and 2 occur in no tiny_batch row (real ids are >= 3, padding is 0).
+    table = table.at[1].set(jnp.nan).at[2].set(jnp.inf)
+    bad = {**clean, "embeddings": {**clean["embeddings"], "word_embeddings": {"embedding": table}}}
+    batch = tiny_batch("bert")
+    batch["input_ids"] = batch["input_ids"].copy()
+    batch["input_ids"][nan_row, 1] = 1
+    batch["input_ids"][inf_row, 2] = 2
+    trainable, frozen = M.partition(bad, "full")
+    clean_trainable, _ = M.partition(clean, "full")
+    groups = allocation.make_groups(trainable, "array")
+    rng = np.random.default_rng(4)
+    scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.5, 2.0)), trainable)
+    masks = [None, np.array([1, 1, 0, 1, 1, 1, 1, 0], np.float32), np.array([1, 1, 1, 0, 1, 0, 1, 1], np.float32)]
+    kwargs = dict(l2_norm_clip=0.5, clipping="elliptical", groups=groups)
+
+    def dropped(mask):
+        kept = np.ones(8, np.float32) if mask is None else mask.copy()
+        kept[[nan_row, inf_row]] = 0.0
+        return jnp.asarray(kept)
+
+    def run(trainable, clean_trainable, frozen, batch, scales):
+        def both(params, mask):
+            loss_fn = train.make_example_loss(model, frozen, False)
+            return (
+                ghost.clipped_grad_sum(model, params, frozen, batch, scales, mask=mask, microbatch_size=4, **kwargs),
+                clipping.clipped_grad_sum(loss_fn, params, batch, scales, mask=mask, **kwargs),
+            )
+
+        return [(both(trainable, mask), both(trainable, dropped(mask)), both(clean_trainable, dropped(mask)))
+                for mask in masks]
+
+    for got, masked, clean_masked in run_fast(run, trainable, clean_trainable, frozen, batch, scales):
+        for engine in range(2):
+            for want in (masked[engine], clean_masked[engine]):
+                for x, y in zip(jax.tree_util.tree_leaves(got[engine]), jax.tree_util.tree_leaves(want), strict=True):
+                    assert np.all(np.isfinite(np.asarray(x)))
+                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert_clipped_sums_equal(got[1], got[0], "non-finite rows")
