@@ -21,6 +21,13 @@ product, because 0 * NaN is NaN: one bad example must not poison the step.
 Dropping such an example is a data-dependent choice of the same kind as
 clipping it (its contribution, 0, still has norm <= C), so the guarantee is
 unchanged; how many were dropped is private, and is not counted.
+
+Precision: every contraction here and in `anadp.ghost` that computes norms,
+clip factors, whitened or clipped sums runs at `FULL_FLOAT32`. On GPUs a
+float32 matmul defaults to TF32 (a 10-bit mantissa); then the norm that sets
+a clip factor and the sum that factor scales are rounded differently, and a
+contribution can exceed C (a probe saw 1.000027 C), which the sensitivity
+argument does not allow.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ from anadp import allocation
 from anadp.allocation import Groups
 
 CLIPPING_MODES = ("elliptical", "global")
+
+# The precision of every contraction on the norm / clip / whitening path (see
+# the module docstring): full float32 passes, whatever the backend's default.
+FULL_FLOAT32 = jax.lax.Precision.HIGHEST
 
 
 class ClippedSum(NamedTuple):
@@ -118,6 +129,7 @@ def clipped_sum(
             "b,b...->...",
             factors.astype(g.dtype),
             zero_dropped_rows(g, factors),
+            precision=FULL_FLOAT32,
             preferred_element_type=jnp.float32,
         )
         return summed / s if clipping == "elliptical" else summed

@@ -41,6 +41,11 @@ selected to 0 (`clipping.zero_dropped_rows`) before they meet a factor or
 another array, both operands of a product included: it contributes exactly
 nothing, as in the vmap path.
 
+Every contraction of steps 2 to 4 runs at full float32 (`_einsum`,
+`clipping.FULL_FLOAT32`): under TF32, a GPU's default, a norm from Gram
+matrices and the book-kept sum that its clip factor scales are rounded
+differently, and a contribution can exceed C.
+
 The loss is the training loop's (`train.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
 hook, or a module applied more than once, is an error, never a silent
@@ -78,6 +83,14 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+    """Every contraction of the engine: float32 out, full float32 passes (TF32
+    would round norms and sums differently: `clipping.FULL_FLOAT32`)."""
+    return jnp.einsum(
+        spec, *operands, precision=clipping_lib.FULL_FLOAT32, preferred_element_type=jnp.float32
+    )
+
+
 def _tokens(x: jax.Array) -> jax.Array:
     """[B, ..., F] -> [B, T, F] (T = 1 for [B, F])."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -101,7 +114,7 @@ class _Grams:
         hit = self._cache.get(id(a))
         if hit is None or hit[0] is not a:
             t = _tokens(a)
-            hit = (a, jnp.einsum("btf,bsf->bts", t, t, preferred_element_type=jnp.float32))
+            hit = (a, _einsum("btf,bsf->bts", t, t))
             self._cache[id(a)] = hit
         return hit[1]
 
@@ -114,7 +127,7 @@ def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: st
     n = d_t.shape[-1]
     if _use_gram(tokens, m, n, kernel_norm):
         return jnp.sum(grams(a) * grams(d), axis=(1, 2))
-    per_example = jnp.einsum("btm,btn->bmn", a_t, d_t, preferred_element_type=jnp.float32)
+    per_example = _einsum("btm,btn->bmn", a_t, d_t)
     return jnp.sum(jnp.square(per_example), axis=(1, 2))
 
 
@@ -124,7 +137,7 @@ def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
     a_t = _tokens(_kept(a, c))
     d_t = _tokens(_kept(d, c))
     d_t = d_t * c[:, None, None].astype(d_t.dtype)
-    return jnp.einsum("btm,btn->mn", a_t, d_t, preferred_element_type=jnp.float32)
+    return _einsum("btm,btn->mn", a_t, d_t)
 
 
 def _kept(x: jax.Array, c: jax.Array) -> jax.Array:
@@ -214,7 +227,7 @@ def _embed_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
     if rows < tokens:
         # Few rows (token types): the per-example [rows, F] gradient is small.
         one_hot = jax.nn.one_hot(ids, rows, dtype=jnp.float32)
-        per_example = jnp.einsum("btv,btf->bvf", one_hot, _f32(d))
+        per_example = _einsum("btv,btf->bvf", one_hot, _f32(d))
         sq = jnp.sum(jnp.square(per_example), axis=(1, 2))
     else:
         same = ids[:, :, None] == ids[:, None, :]
@@ -300,20 +313,9 @@ def _single_record(records: Any, module: tuple[str, ...], name: str) -> jax.Arra
 # ----------------------------------------------------------------------------
 
 
-def _one_pass(
-    model,
-    params,
-    leaf_paths,
-    scale_leaves,
-    batch,
-    mask,
-    *,
-    l2_norm_clip: float,
-    clipping_mode: str,
-    groups: Groups | None,
-    kernel_norm: str,
-) -> tuple[list[jax.Array], jax.Array | None]:
-    """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
+def _records_and_cotangents(model, params, leaf_paths, batch) -> tuple[dict, Any, Any]:
+    """The plan (`_plan`), the records and the output cotangents of one microbatch:
+    one forward and one backward pass of the model, nothing of the clipping."""
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
     def apply(variables, mutable):
@@ -334,8 +336,24 @@ def _one_pass(
 
     # Only the perturbations are differentiated: activation cotangents, no weight gradients.
     cotangents, records = jax.grad(summed_loss, has_aux=True)(wanted)
-    cotangents = unflatten_params(cotangents)
+    return modules, records, unflatten_params(cotangents)
 
+
+def _one_pass(
+    model,
+    params,
+    leaf_paths,
+    scale_leaves,
+    batch,
+    mask,
+    *,
+    l2_norm_clip: float,
+    clipping_mode: str,
+    groups: Groups | None,
+    kernel_norm: str,
+) -> tuple[list[jax.Array], jax.Array | None]:
+    """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
+    modules, records, cotangents = _records_and_cotangents(model, params, leaf_paths, batch)
     grams = _Grams()
     sq_norms: list[jax.Array | None] = [None] * len(leaf_paths)
     finishers: list[tuple[dict[str, int], Callable]] = []

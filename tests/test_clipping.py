@@ -233,3 +233,23 @@ def test_memory_path_drops_non_finite_rows(microbatch_size):
         anadp.clipped_grad_sum(quadratic_loss, params, {"g": bad}, scales, mask=mask, **kwargs),
         anadp.clipped_grad_sum(quadratic_loss, params, {"g": coeffs}, scales, mask=dropped, **kwargs),
     )
+
+
+def dot_precisions(lowered_text: str) -> list[str]:
+    """The precision of every dot_general in a lowered (StableHLO) program."""
+    return [line.split("precision = ")[1].split("]")[0] + "]" if "precision = " in line else "none"
+            for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("mode", ["elliptical", "global"])
+def test_contractions_run_at_full_float32(mode):
+    """On GPUs a default-precision float32 matmul is TF32; the CPU computes in float32
+    whatever the flag, so the program text is what a CPU test can check."""
+    grads = random_grads(jax.random.PRNGKey(12))
+    groups = allocation.make_groups(SCALES)
+    text = jax.jit(
+        lambda g: anadp.clipped_sum(g, SCALES, l2_norm_clip=C, clipping=mode, groups=groups, mask=jnp.ones(7))
+    ).lower(grads).as_text()
+    precisions = dot_precisions(text)
+    assert len(precisions) >= len(jax.tree_util.tree_leaves(grads))
+    assert set(precisions) == {"[HIGHEST, HIGHEST]"}

@@ -278,3 +278,72 @@ def test_non_finite_examples_contribute_exactly_nothing():
                     assert np.all(np.isfinite(np.asarray(x)))
                     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         assert_clipped_sums_equal(got[1], got[0], "non-finite rows")
+
+
+def dot_precisions(lowered_text: str) -> list[str]:
+    return [line.split("precision = ")[1].split("]")[0] + "]" if "precision = " in line else "none"
+            for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("kernel_norm", ["gram", "direct"])
+def test_contractions_run_at_full_float32(kernel_norm):
+    """Every dot of the engine that is not the model's own forward or backward pass
+    runs at HIGHEST precision (the CPU ignores the flag, so the program text is
+    checked): the model's passes are lowered alone and their non-HIGHEST dots
+    must be all the engine's program has. Full fine-tuning with LoRA on every
+    dense module meets every rule (dense, LoRA, LayerNorm, both embedding cases)."""
+    model, params = tiny_model("bert", "full")
+    trainable, frozen = M.partition(params, "full")
+    batch = tiny_batch("bert", rows=4, length=8)
+    groups = allocation.make_groups(trainable, "array")
+    leaf_paths = [tuple(ghost._key(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+
+    def engine(trainable, frozen, batch):
+        scales = jax.tree_util.tree_map(lambda _: jnp.float32(1.5), trainable)
+        return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, l2_norm_clip=1.0,
+                                      clipping="elliptical", groups=groups, kernel_norm=kernel_norm)
+
+    def passes_alone(trainable, frozen, batch):
+        return ghost._records_and_cotangents(model, M.combine(trainable, frozen), leaf_paths, batch)[1:]
+
+    def precisions(fn):
+        return dot_precisions(jax.jit(fn).lower(trainable, frozen, batch).as_text())
+
+    full, model_only = precisions(engine), precisions(passes_alone)
+    not_highest = [p for p in full if p != "[HIGHEST, HIGHEST]"]
+    assert len(not_highest) == len([p for p in model_only if p != "[HIGHEST, HIGHEST]"]) > 0
+    assert len(full) - len(model_only) >= 2 * len(leaf_paths) // 3  # the engine's own dots are there
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_each_whitened_contribution_is_at_most_c(kind, finetune):
+    """One example at a time (all others masked), elliptical clipping with uneven
+    scales: every whitened contribution's norm is <= C (1 + 1e-6), with C below
+    every example's norm, so that each contribution sits at the bound."""
+    model, params = tiny_model(kind, finetune)
+    trainable, frozen = M.partition(params, finetune)
+    batch = tiny_batch(kind)
+    rng = np.random.default_rng(5)
+    scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.3, 3.0)), trainable)
+    one_at_a_time = jnp.eye(8, dtype=jnp.float32)
+
+    def contributions(trainable, frozen, batch, scales, clip):
+        def one(mask):
+            return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, mask=mask,
+                                          l2_norm_clip=clip, clipping="elliptical").grads
+        return jax.vmap(one)(one_at_a_time)
+
+    compiled = jax.jit(contributions).lower(trainable, frozen, batch, scales, 1.0).compile(
+        compiler_options=FAST_COMPILE)
+
+    def norms(clip):
+        leaves = jax.tree_util.tree_leaves(compiled(trainable, frozen, batch, scales, clip))
+        return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(8, -1), axis=1) for x in leaves))
+
+    unclipped = norms(1e9)  # factor 1: the whitened gradients themselves
+    assert np.all(np.isfinite(unclipped)) and np.all(unclipped > 0)
+    clip = 0.5 * float(np.min(unclipped))
+    clipped = norms(clip)
+    assert np.all(clipped <= clip * (1 + 1e-6)), clipped / clip - 1
+    assert np.all(clipped >= clip * (1 - 1e-5))
