@@ -27,8 +27,8 @@ Here, for each microbatch:
      and RoBERTa's padding positions), or, for a table with fewer rows than
      tokens (token types), the per-example [rows, features] gradient.
 3. Clip factors from those norms exactly as `clipping.clip_factors` (global,
-   or elliptical with per-leaf scales; masked rows 0) and, if asked, the norm
-   profile (`clipping.norm_profile`).
+   or elliptical with per-leaf scales; "clip" or "automatic"; masked rows 0)
+   and, if asked, the norm profile (`clipping.norm_profile`).
 4. Book-keeping: the clipped sum of each leaf straight from the records and
    the cotangents scaled by the clip factors (``X^T diag(c) D`` per Dense,
    scatter-add for embeddings), no second backward pass; divided by the scales
@@ -351,6 +351,8 @@ def _one_pass(
     clipping_mode: str,
     groups: Groups | None,
     kernel_norm: str,
+    clip_fn: str,
+    automatic_r: float,
 ) -> tuple[list[jax.Array], jax.Array | None]:
     """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
     modules, records, cotangents = _records_and_cotangents(model, params, leaf_paths, batch)
@@ -373,7 +375,8 @@ def _one_pass(
         finishers.append((leaves, finish))
 
     factors = clipping_lib.clip_factors(
-        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping_mode, mask=mask
+        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping_mode, mask=mask,
+        clip_fn=clip_fn, automatic_r=automatic_r,
     )
     sums: list[jax.Array | None] = [None] * len(leaf_paths)
     for leaves, finish in finishers:
@@ -399,6 +402,8 @@ def clipped_grad_sum(
     groups: Groups | None = None,
     dropout: bool = False,
     kernel_norm: str = "auto",
+    clip_fn: str = "clip",
+    automatic_r: float = clipping_lib.DEFAULT_AUTOMATIC_R,
 ) -> ClippedSum:
     """`clipping.clipped_grad_sum` of the training loop's per-example loss, by
     ghost norms and book-keeping (see the module docstring).
@@ -421,6 +426,7 @@ def clipped_grad_sum(
       frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
     """
     clipping_lib.check_clipping(clipping)
+    clipping_lib.check_clip_fn(clip_fn, automatic_r)
     if dropout or "dropout_key" in batch:
         raise ValueError(
             "ghost clipping differentiates the deterministic model; training with dropout "
@@ -446,6 +452,7 @@ def clipped_grad_sum(
         sums, profile = _one_pass(
             model, params, leaf_paths, scale_leaves, micro_batch, micro_mask,
             l2_norm_clip=l2_norm_clip, clipping_mode=clipping, groups=groups, kernel_norm=kernel_norm,
+            clip_fn=clip_fn, automatic_r=automatic_r,
         )
         return ClippedSum(treedef.unflatten(sums), profile)
 

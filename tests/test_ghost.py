@@ -65,7 +65,7 @@ def run_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
-def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1):
+def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1, clip_fn="clip"):
     """The ghost engine against `clipping.clipped_grad_sum` without microbatches
     (i.e. `clipped_sum(per_example_grads(...))`), in one compiled program; the
     clip norm is the median per-example gradient norm (some rows clipped, some not)."""
@@ -86,14 +86,14 @@ def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, 
         else:
             norms = jnp.sqrt(sum(sq_norms))
         clip = jnp.median(norms)
-        kwargs = dict(l2_norm_clip=clip, clipping=mode, mask=mask, groups=groups)
+        kwargs = dict(l2_norm_clip=clip, clipping=mode, mask=mask, groups=groups, clip_fn=clip_fn)
         ref = clipping.clipped_sum(per_example, scales, **kwargs)
         got = ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, microbatch_size=microbatch_size, **kwargs)
         return norms, clip, ref, got
 
     norms, clip, ref, got = run_fast(run, trainable, frozen, batch, scales)
     assert np.min(norms) < clip < np.max(norms) and np.all(np.isfinite(norms))
-    assert_clipped_sums_equal(ref, got, f"{kind}/{finetune}/{mode}")
+    assert_clipped_sums_equal(ref, got, f"{kind}/{finetune}/{mode}/{clip_fn}")
 
 
 def assert_clipped_sums_equal(ref, got, where):
@@ -134,6 +134,18 @@ def assert_clipped_sums_equal(ref, got, where):
 def test_ghost_equals_vmap(kind, finetune, mode, microbatch_size, use_mask, grouping, layers):
     compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
             layers=layers)
+
+
+@pytest.mark.parametrize(
+    "kind,finetune,mode,microbatch_size,use_mask,grouping",
+    [
+        ("bert", "full", "elliptical", 4, True, "array"),
+        ("roberta", "lora", "global", None, False, "layer"),
+    ],
+)
+def test_ghost_equals_vmap_with_automatic_clipping(kind, finetune, mode, microbatch_size, use_mask, grouping):
+    compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
+            clip_fn="automatic")
 
 
 def test_both_kernel_norm_methods():
@@ -320,7 +332,10 @@ def test_contractions_run_at_full_float32(kernel_norm):
 def test_each_whitened_contribution_is_at_most_c(kind, finetune):
     """One example at a time (all others masked), elliptical clipping with uneven
     scales: every whitened contribution's norm is <= C (1 + 1e-6), with C below
-    every example's norm, so that each contribution sits at the bound."""
+    every example's norm, so that each contribution sits at the bound; with
+    clip_fn="automatic" it is C n / (n + r) for the example's whitened norm n.
+    (The CPU computes in float32 whatever the precision flag: on a GPU this is
+    what TF32 contractions would break.)"""
     model, params = tiny_model(kind, finetune)
     trainable, frozen = M.partition(params, finetune)
     batch = tiny_batch(kind)
@@ -328,22 +343,76 @@ def test_each_whitened_contribution_is_at_most_c(kind, finetune):
     scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.3, 3.0)), trainable)
     one_at_a_time = jnp.eye(8, dtype=jnp.float32)
 
+    r = 0.01
+
     def contributions(trainable, frozen, batch, scales, clip):
-        def one(mask):
-            return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, mask=mask,
-                                          l2_norm_clip=clip, clipping="elliptical").grads
-        return jax.vmap(one)(one_at_a_time)
+        def one(mask, clip_fn):
+            return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, mask=mask, l2_norm_clip=clip,
+                                          clipping="elliptical", clip_fn=clip_fn, automatic_r=r).grads
+        return {fn: jax.vmap(lambda m, fn=fn: one(m, fn))(one_at_a_time) for fn in clipping.CLIP_FNS}
 
     compiled = jax.jit(contributions).lower(trainable, frozen, batch, scales, 1.0).compile(
         compiler_options=FAST_COMPILE)
 
     def norms(clip):
-        leaves = jax.tree_util.tree_leaves(compiled(trainable, frozen, batch, scales, clip))
-        return np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(8, -1), axis=1) for x in leaves))
+        out = compiled(trainable, frozen, batch, scales, clip)
+        return {fn: np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(8, -1), axis=1)
+                                for x in jax.tree_util.tree_leaves(tree)))
+                for fn, tree in out.items()}
 
-    unclipped = norms(1e9)  # factor 1: the whitened gradients themselves
-    assert np.all(np.isfinite(unclipped)) and np.all(unclipped > 0)
-    clip = 0.5 * float(np.min(unclipped))
-    clipped = norms(clip)
-    assert np.all(clipped <= clip * (1 + 1e-6)), clipped / clip - 1
-    assert np.all(clipped >= clip * (1 - 1e-5))
+    whitened = norms(1e9)["clip"]  # factor 1: the whitened gradients themselves
+    assert np.all(np.isfinite(whitened)) and np.all(whitened > 0)
+    clip = 0.5 * float(np.min(whitened))
+    got = norms(clip)
+    assert np.all(got["clip"] <= clip * (1 + 1e-6)), got["clip"] / clip - 1
+    assert np.all(got["clip"] >= clip * (1 - 1e-5))
+    assert np.all(got["automatic"] <= clip * (1 + 1e-6)), got["automatic"] / clip - 1
+    np.testing.assert_allclose(got["automatic"], clip * whitened / (whitened + r), rtol=1e-5)
+
+
+def test_training_step_passes_the_clip_fn(monkeypatch):
+    """config.privacy.clip_fn and automatic_r reach the clipping call of either engine."""
+    from configs import base
+
+    model, params = tiny_model("bert", "bias")
+    trainable, frozen = M.partition(params, "bias")
+    batch = tiny_batch("bert", rows=4, length=8)
+    seen = []
+
+    def fake_clipped_sum(*args, **kwargs):
+        seen.append((kwargs["clip_fn"], kwargs["automatic_r"]))
+        return clipping.ClippedSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
+
+    monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
+    monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)
+    for engine in train.CLIPPING_ENGINES:
+        config = base.get_config()
+        config.privacy.clip_fn = "automatic"
+        config.privacy.automatic_r = 0.125
+        config.train.clipping_engine = engine
+        train.validate_config(config)
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=4.0)
+        assert (mechanism.clip_fn, mechanism.automatic_r) == ("automatic", 0.125)
+        fns = train.make_step_functions(model, mechanism, train.make_optimizer(config.train, 10), config)
+        jax.eval_shape(fns.accumulate, trainable, frozen, trainable, batch, jnp.ones(4))
+    assert seen == [("automatic", 0.125)] * 2
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("clip_fn", "normalise", r"config.privacy.clip_fn='normalise' is invalid: must be one of \('clip', 'autom"),
+        ("automatic_r", 0.0, r"config.privacy.automatic_r=0.0 is invalid: must be in \(0, inf\)"),
+        ("automatic_r", -1.0, r"config.privacy.automatic_r=-1.0 is invalid"),
+    ],
+)
+@pytest.mark.parametrize("method", ["dp_sgd", "anadp"])
+def test_config_validation_of_the_clip_fn(field, value, message, method):
+    from configs import base
+
+    config = base.get_config()
+    assert (config.privacy.clip_fn, config.privacy.automatic_r) == ("clip", 0.01)
+    config.privacy.method = method
+    config.privacy[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(config)
