@@ -8,14 +8,43 @@ Two clipping modes (METHOD.md):
   per-group noise scales, h = g / s, then clipped to ||h|| <= C; the sum is in
   whitened space, and the mechanism multiplies by s after adding noise.
 
+Two clip functions map an example's (whitened, for elliptical) gradient h to
+its contribution:
+
+- "clip" (the default): h * min(1, C / ||h||);
+- "automatic" (per-example normalisation, Bu et al.): C * h / (||h|| + r) for a
+  small public r > 0; every example is rescaled, none passes unchanged, and a
+  zero gradient stays zero (factor C / r, finite).
+
+Both bound a contribution by ||hbar|| <= C, which is all the Gaussian
+mechanism's sensitivity needs, so the privacy guarantee is the same for either.
+
 In both modes every example's contribution to the returned sum has norm at most
 C (in the space the noise is added in), and a row whose mask is 0 contributes
 exactly zero. Nothing computed here is public: the sums must go through
 `noise.release` before anything derived from them leaves the step.
+
+Non-finite rows: an example whose gradient has a NaN or inf entry (an overflow
+in its forward pass, a corrupt input) gets clip factor 0 and contributes
+exactly nothing, to the sum and to the norm profile. Wherever a factor meets a
+gradient, rows with factor 0 are selected away with `jnp.where` before any
+product, because 0 * NaN is NaN: one bad example must not poison the step.
+Dropping such an example is a data-dependent choice of the same kind as
+clipping it (its contribution, 0, still has norm <= C), so the guarantee is
+unchanged; how many were dropped is private, and is not counted.
+
+Precision: every contraction here and in `anadp.ghost` that computes norms,
+clip factors, whitened or clipped sums runs at `FULL_FLOAT32`. On GPUs a
+float32 matmul defaults to TF32 (a 10-bit mantissa); then the norm that sets
+a clip factor and the sum that factor scales are rounded differently, and a
+contribution can exceed C (a probe saw 1.000027 C), which the sensitivity
+argument does not allow.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +55,14 @@ from anadp import allocation
 from anadp.allocation import Groups
 
 CLIPPING_MODES = ("elliptical", "global")
+
+# How a (whitened) gradient h becomes a contribution of norm <= C (module docstring).
+CLIP_FNS = ("clip", "automatic")
+DEFAULT_AUTOMATIC_R = 0.01  # r of "automatic": public, small against typical norms
+
+# The precision of every contraction on the norm / clip / whitening path (see
+# the module docstring): full float32 passes, whatever the backend's default.
+FULL_FLOAT32 = jax.lax.Precision.HIGHEST
 
 
 class ClippedSum(NamedTuple):
@@ -52,6 +89,14 @@ def check_clipping(clipping: str) -> None:
         raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_MODES}")
 
 
+def check_clip_fn(clip_fn: str, automatic_r: float = DEFAULT_AUTOMATIC_R) -> None:
+    if clip_fn not in CLIP_FNS:
+        raise ValueError(f"clip_fn={clip_fn!r} is not one of {CLIP_FNS}")
+    # A traced r (inside jit) cannot be checked here; Mechanism and the config check theirs.
+    if isinstance(automatic_r, numbers.Real) and not 0 < automatic_r < math.inf:
+        raise ValueError(f"automatic_r={automatic_r} must be in (0, inf)")
+
+
 def per_example_grads(loss_fn: Callable, params: Any, batch: Any) -> Any:
     """Gradients of `loss_fn(params, example)` for every example of `batch`.
 
@@ -76,6 +121,8 @@ def clipped_sum(
     clipping: str,
     mask: jax.Array | None = None,
     groups: Groups | None = None,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> ClippedSum:
     """Clips each example's gradient and sums over the batch.
 
@@ -90,6 +137,8 @@ def clipped_sum(
       groups: if given, also sum the per-example norm profiles
         u_i = (||g_{i,1}||, ..., ||g_{i,K}||) / ||g_i|| (norm 1, or 0 for a zero
         gradient) for the `private_profile` estimator.
+      clip_fn: "clip" (h * min(1, C / ||h||)) or "automatic" (C * h / (||h|| + r)).
+      automatic_r: r > 0 of "automatic".
 
     Returns:
       A ClippedSum. Each example adds at most C to the norm of `grads` (in the
@@ -102,11 +151,18 @@ def clipped_sum(
     else:
         scale_leaves = treedef.flatten_up_to(scales)
     sq_norms = _per_leaf_sq_norms(per_example_grads)
-    factors = clip_factors(sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask)
+    factors = clip_factors(
+        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask,
+        clip_fn=clip_fn, automatic_r=automatic_r,
+    )
 
     def weighted_sum(g, s):
         summed = jnp.einsum(
-            "b,b...->...", factors.astype(g.dtype), g, preferred_element_type=jnp.float32
+            "b,b...->...",
+            factors.astype(g.dtype),
+            zero_dropped_rows(g, factors),
+            precision=FULL_FLOAT32,
+            preferred_element_type=jnp.float32,
         )
         return summed / s if clipping == "elliptical" else summed
 
@@ -125,35 +181,60 @@ def clip_factors(
     l2_norm_clip: float,
     clipping: str,
     mask: jax.Array | None = None,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> jax.Array:
     """Per-example clip factors [B] from per-leaf squared norms (each [B]).
 
-    Elliptical: min(1, C / ||g / s||) with ||g / s||^2 = sum_leaf ||g_leaf||^2 / s_leaf^2;
-    global: min(1, C / ||g||). Rows whose mask is 0 get factor 0. Shared by the
-    vmap path here and the ghost-norm path (`anadp.ghost`).
+    With n = ||g / s|| (elliptical; ||g / s||^2 = sum_leaf ||g_leaf||^2 / s_leaf^2)
+    or n = ||g|| (global): min(1, C / n) for clip_fn="clip", C / (n + r) for
+    "automatic". Rows whose mask is 0, and rows whose norm is not
+    finite (a NaN or inf in the gradient), get factor 0; apply the factors with
+    `zero_dropped_rows`, never by multiplication alone. Shared by the vmap path
+    here and the ghost-norm path (`anadp.ghost`).
     """
     check_clipping(clipping)
+    check_clip_fn(clip_fn, automatic_r)
     if clipping == "elliptical":
         # ||g / s||^2 without materialising g / s: divide each leaf's squared norm.
         total_sq = sum(n / jnp.square(s) for n, s in zip(sq_norms, scale_leaves))
     else:
         total_sq = sum(sq_norms)
     norms = jnp.sqrt(total_sq)
-    # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
-    factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
-    if mask is not None:
-        factors = jnp.where(mask.astype(bool), factors, 0.0)
-    return factors
+    if clip_fn == "automatic":
+        # r > 0 keeps a zero gradient's factor finite (C / r), so its contribution is 0.
+        factors = l2_norm_clip / (norms + automatic_r)
+    else:
+        # min(1, C / ||.||), written so that a zero gradient gets factor 1, not nan.
+        factors = l2_norm_clip / jnp.maximum(norms, l2_norm_clip)
+    return jnp.where(_counted_rows(norms, mask), factors, 0.0)
+
+
+def _counted_rows(norms: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[B] bool: the row is real (mask 1) and its norm is finite."""
+    counted = jnp.isfinite(norms)
+    return counted if mask is None else counted & mask.astype(bool)
+
+
+def zero_dropped_rows(x: jax.Array, factors: jax.Array) -> jax.Array:
+    """`x` [B, ...] with the rows whose clip factor is 0 set to exactly 0.
+
+    By selection, not multiplication: a dropped row (padding, or an example
+    with a non-finite gradient) may hold NaN or inf, and 0 * NaN is NaN.
+    """
+    keep = (factors != 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x, jnp.zeros([], x.dtype))
 
 
 def norm_profile(sq_norms: list[jax.Array], groups: Groups, mask: jax.Array | None = None) -> jax.Array:
     """[K] sum over unmasked rows of u_i = (||g_{i,1}||, ..., ||g_{i,K}||) / ||g_i||
-    (0 for a zero gradient), from per-leaf squared norms (each [B])."""
+    (0 for a zero gradient), from per-leaf squared norms (each [B]). A row
+    whose norm is not finite adds 0."""
     group_norms = jnp.sqrt(allocation.group_sum(sq_norms, groups))  # [K, B]
     raw_norms = jnp.sqrt(sum(sq_norms))  # [B]
     unit = group_norms / jnp.where(raw_norms > 0, raw_norms, 1.0)
-    weights = jnp.ones([unit.shape[1]]) if mask is None else mask.astype(jnp.float32)
-    return unit @ weights
+    # Selected, not weighted by the mask: a non-finite row's unit vector is NaN.
+    return jnp.sum(jnp.where(_counted_rows(raw_norms, mask)[None, :], unit, 0.0), axis=1)
 
 
 def clipped_grad_sum(
@@ -167,6 +248,8 @@ def clipped_grad_sum(
     mask: jax.Array | None = None,
     microbatch_size: int | None = None,
     groups: Groups | None = None,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> ClippedSum:
     """Clipped sum of per-example gradients, computed microbatch by microbatch.
 
@@ -185,11 +268,12 @@ def clipped_grad_sum(
     batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
     if mask is None:
         mask = jnp.ones([batch_size], jnp.float32)
+    clip_args = dict(
+        l2_norm_clip=l2_norm_clip, clipping=clipping, groups=groups, clip_fn=clip_fn, automatic_r=automatic_r
+    )
     if microbatch_size is None or microbatch_size >= batch_size:
         grads = per_example_grads(loss_fn, params, batch)
-        return clipped_sum(
-            grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask, groups=groups
-        )
+        return clipped_sum(grads, scales, mask=mask, **clip_args)
     if batch_size % microbatch_size:
         raise ValueError(
             f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
@@ -202,9 +286,7 @@ def clipped_grad_sum(
     def body(total, micro):
         micro_batch, micro_mask = micro
         grads = per_example_grads(loss_fn, params, micro_batch)
-        part = clipped_sum(
-            grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=micro_mask, groups=groups
-        )
+        part = clipped_sum(grads, scales, mask=micro_mask, **clip_args)
         return total + part, None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

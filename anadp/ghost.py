@@ -27,12 +27,24 @@ Here, for each microbatch:
      and RoBERTa's padding positions), or, for a table with fewer rows than
      tokens (token types), the per-example [rows, features] gradient.
 3. Clip factors from those norms exactly as `clipping.clip_factors` (global,
-   or elliptical with per-leaf scales; masked rows 0) and, if asked, the norm
-   profile (`clipping.norm_profile`).
+   or elliptical with per-leaf scales; "clip" or "automatic"; masked rows 0)
+   and, if asked, the norm profile (`clipping.norm_profile`).
 4. Book-keeping: the clipped sum of each leaf straight from the records and
    the cotangents scaled by the clip factors (``X^T diag(c) D`` per Dense,
    scatter-add for embeddings), no second backward pass; divided by the scales
    for elliptical clipping, as `clipping.clipped_sum` does.
+
+An example whose loss is not finite has NaN or inf in its records or
+cotangents, hence a non-finite squared norm for some leaf, hence clip factor 0
+(`clipping.clip_factors`). Its rows of every record and cotangent are then
+selected to 0 (`clipping.zero_dropped_rows`) before they meet a factor or
+another array, both operands of a product included: it contributes exactly
+nothing, as in the vmap path.
+
+Every contraction of steps 2 to 4 runs at full float32 (`_einsum`,
+`clipping.FULL_FLOAT32`): under TF32, a GPU's default, a norm from Gram
+matrices and the book-kept sum that its clip factor scales are rounded
+differently, and a contribution can exceed C.
 
 The loss is the training loop's (`train.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
@@ -71,6 +83,14 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+    """Every contraction of the engine: float32 out, full float32 passes (TF32
+    would round norms and sums differently: `clipping.FULL_FLOAT32`)."""
+    return jnp.einsum(
+        spec, *operands, precision=clipping_lib.FULL_FLOAT32, preferred_element_type=jnp.float32
+    )
+
+
 def _tokens(x: jax.Array) -> jax.Array:
     """[B, ..., F] -> [B, T, F] (T = 1 for [B, F])."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -94,7 +114,7 @@ class _Grams:
         hit = self._cache.get(id(a))
         if hit is None or hit[0] is not a:
             t = _tokens(a)
-            hit = (a, jnp.einsum("btf,bsf->bts", t, t, preferred_element_type=jnp.float32))
+            hit = (a, _einsum("btf,bsf->bts", t, t))
             self._cache[id(a)] = hit
         return hit[1]
 
@@ -107,16 +127,27 @@ def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: st
     n = d_t.shape[-1]
     if _use_gram(tokens, m, n, kernel_norm):
         return jnp.sum(grams(a) * grams(d), axis=(1, 2))
-    per_example = jnp.einsum("btm,btn->bmn", a_t, d_t, preferred_element_type=jnp.float32)
+    per_example = _einsum("btm,btn->bmn", a_t, d_t)
     return jnp.sum(jnp.square(per_example), axis=(1, 2))
 
 
 def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
     """``sum_i c_i a_i^T d_i`` (one matmul over examples and tokens); a: [B, ..., m],
-    d: [B, ..., n], c: [B]."""
-    a_t, d_t = _tokens(a), _tokens(d)
+    d: [B, ..., n], c: [B]. Rows with c_i = 0 are dropped from both operands."""
+    a_t = _tokens(_kept(a, c))
+    d_t = _tokens(_kept(d, c))
     d_t = d_t * c[:, None, None].astype(d_t.dtype)
-    return jnp.einsum("btm,btn->mn", a_t, d_t, preferred_element_type=jnp.float32)
+    return _einsum("btm,btn->mn", a_t, d_t)
+
+
+def _kept(x: jax.Array, c: jax.Array) -> jax.Array:
+    """`x` [B, ...] with the rows of dropped examples (clip factor 0) exactly 0."""
+    return clipping_lib.zero_dropped_rows(x, c)
+
+
+def _weighted_tokens(d: jax.Array, c: jax.Array) -> jax.Array:
+    """[B, T, F] float32 ``c_i * d_i,t``, dropped rows exactly 0."""
+    return _f32(_tokens(_kept(d, c))) * c[:, None, None]
 
 
 def _row_sq_norms(v: jax.Array) -> jax.Array:
@@ -151,7 +182,7 @@ def _dense_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
         if "kernel" in leaves:
             out["kernel"] = _weighted_product(x, d, c)
         if "bias" in leaves:
-            out["bias"] = jnp.sum(_f32(_tokens(d)) * c[:, None, None], axis=(0, 1))
+            out["bias"] = jnp.sum(_weighted_tokens(d, c), axis=(0, 1))
         if "lora_a" in leaves:
             out["lora_a"] = _weighted_product(x, dz, c)
         if "lora_b" in leaves:
@@ -172,10 +203,10 @@ def _layer_norm_rule(leaves, records, cotangents, module_params, grams, kernel_n
         sq["bias"] = _row_sq_norms(jnp.sum(_f32(d), axis=1))
 
     def finish(c):
-        dc = _f32(d) * c[:, None, None]
+        dc = _weighted_tokens(d, c)
         out = {}
         if "scale" in leaves:
-            out["scale"] = jnp.sum(_f32(xhat) * dc, axis=(0, 1))
+            out["scale"] = jnp.sum(_f32(_kept(xhat, c)) * dc, axis=(0, 1))
         if "bias" in leaves:
             out["bias"] = jnp.sum(dc, axis=(0, 1))
         return out
@@ -196,14 +227,14 @@ def _embed_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
     if rows < tokens:
         # Few rows (token types): the per-example [rows, F] gradient is small.
         one_hot = jax.nn.one_hot(ids, rows, dtype=jnp.float32)
-        per_example = jnp.einsum("btv,btf->bvf", one_hot, _f32(d))
+        per_example = _einsum("btv,btf->bvf", one_hot, _f32(d))
         sq = jnp.sum(jnp.square(per_example), axis=(1, 2))
     else:
         same = ids[:, :, None] == ids[:, None, :]
         sq = jnp.sum(jnp.where(same, grams(d_raw), 0.0), axis=(1, 2))
 
     def finish(c):
-        dc = _f32(d) * c[:, None, None]
+        dc = _weighted_tokens(d, c)
         table = jnp.zeros((rows, features), jnp.float32)
         return {"embedding": table.at[ids.reshape(-1)].add(dc.reshape(-1, features))}
 
@@ -282,20 +313,9 @@ def _single_record(records: Any, module: tuple[str, ...], name: str) -> jax.Arra
 # ----------------------------------------------------------------------------
 
 
-def _one_pass(
-    model,
-    params,
-    leaf_paths,
-    scale_leaves,
-    batch,
-    mask,
-    *,
-    l2_norm_clip: float,
-    clipping_mode: str,
-    groups: Groups | None,
-    kernel_norm: str,
-) -> tuple[list[jax.Array], jax.Array | None]:
-    """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
+def _records_and_cotangents(model, params, leaf_paths, batch) -> tuple[dict, Any, Any]:
+    """The plan (`_plan`), the records and the output cotangents of one microbatch:
+    one forward and one backward pass of the model, nothing of the clipping."""
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
     def apply(variables, mutable):
@@ -316,8 +336,26 @@ def _one_pass(
 
     # Only the perturbations are differentiated: activation cotangents, no weight gradients.
     cotangents, records = jax.grad(summed_loss, has_aux=True)(wanted)
-    cotangents = unflatten_params(cotangents)
+    return modules, records, unflatten_params(cotangents)
 
+
+def _one_pass(
+    model,
+    params,
+    leaf_paths,
+    scale_leaves,
+    batch,
+    mask,
+    *,
+    l2_norm_clip: float,
+    clipping_mode: str,
+    groups: Groups | None,
+    kernel_norm: str,
+    clip_fn: str,
+    automatic_r: float,
+) -> tuple[list[jax.Array], jax.Array | None]:
+    """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
+    modules, records, cotangents = _records_and_cotangents(model, params, leaf_paths, batch)
     grams = _Grams()
     sq_norms: list[jax.Array | None] = [None] * len(leaf_paths)
     finishers: list[tuple[dict[str, int], Callable]] = []
@@ -337,7 +375,8 @@ def _one_pass(
         finishers.append((leaves, finish))
 
     factors = clipping_lib.clip_factors(
-        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping_mode, mask=mask
+        sq_norms, scale_leaves, l2_norm_clip=l2_norm_clip, clipping=clipping_mode, mask=mask,
+        clip_fn=clip_fn, automatic_r=automatic_r,
     )
     sums: list[jax.Array | None] = [None] * len(leaf_paths)
     for leaves, finish in finishers:
@@ -363,6 +402,8 @@ def clipped_grad_sum(
     groups: Groups | None = None,
     dropout: bool = False,
     kernel_norm: str = "auto",
+    clip_fn: str = "clip",
+    automatic_r: float = clipping_lib.DEFAULT_AUTOMATIC_R,
 ) -> ClippedSum:
     """`clipping.clipped_grad_sum` of the training loop's per-example loss, by
     ghost norms and book-keeping (see the module docstring).
@@ -385,6 +426,7 @@ def clipped_grad_sum(
       frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
     """
     clipping_lib.check_clipping(clipping)
+    clipping_lib.check_clip_fn(clip_fn, automatic_r)
     if dropout or "dropout_key" in batch:
         raise ValueError(
             "ghost clipping differentiates the deterministic model; training with dropout "
@@ -410,6 +452,7 @@ def clipped_grad_sum(
         sums, profile = _one_pass(
             model, params, leaf_paths, scale_leaves, micro_batch, micro_mask,
             l2_norm_clip=l2_norm_clip, clipping_mode=clipping, groups=groups, kernel_norm=kernel_norm,
+            clip_fn=clip_fn, automatic_r=automatic_r,
         )
         return ClippedSum(treedef.unflatten(sums), profile)
 

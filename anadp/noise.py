@@ -15,7 +15,9 @@ The memory path (`Mechanism.release`) takes clipped sums computed microbatch by
 microbatch (`clipping.clipped_grad_sum`) and shares everything after clipping
 with `update`.
 
-Privacy (METHOD.md): with elliptical clipping, the noisy whitened sum
+Privacy (METHOD.md): either clip function ("clip", "automatic") bounds an
+example's contribution by C, so the noise and the guarantee do not depend on
+which one is used. With elliptical clipping, the noisy whitened sum
 `H = sum_i clip_C(g_i / s) + N(0, sigma^2 C^2 I)` is DP-SGD's subsampled
 Gaussian mechanism with multiplier sigma for any fixed allocation s, the
 release `s * H / (qN)` is post-processing, and s at step t+1 is computed only
@@ -34,7 +36,7 @@ import optax
 
 from anadp import allocation, importance, randomness
 from anadp.allocation import Groups
-from anadp.clipping import ClippedSum, check_clipping, clipped_sum
+from anadp.clipping import DEFAULT_AUTOMATIC_R, ClippedSum, check_clip_fn, check_clipping, clipped_sum
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -100,6 +102,8 @@ def privatize(
     expected_batch_size: float,
     clipping: str = "elliptical",
     mask: jax.Array | None = None,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> Any:
     """One step of the mechanism: clip, sum, add noise, average.
 
@@ -111,6 +115,8 @@ def privatize(
       l2_norm_clip: C. noise_multiplier: sigma. expected_batch_size: qN.
       clipping: "elliptical" or "global".
       mask: [B], 0 for padding rows (which contribute exactly nothing).
+      clip_fn, automatic_r: "clip" or "automatic" (C h / (||h|| + r)); the noise
+        is the same for both.
 
     Returns:
       The privatised mean gradient G of METHOD.md. Elliptical: releasing G is
@@ -119,7 +125,8 @@ def privatize(
       (sigma * min_k s_k).
     """
     clipped = clipped_sum(
-        per_example_grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask
+        per_example_grads, scales, l2_norm_clip=l2_norm_clip, clipping=clipping, mask=mask,
+        clip_fn=clip_fn, automatic_r=automatic_r,
     )
     return add_noise(
         clipped.grads,
@@ -173,6 +180,8 @@ class Mechanism:
     `adaptive=True` the group noise scales follow the importance estimator
     (ANADP); `clipping="elliptical"` keeps DP-SGD's guarantee exactly,
     `clipping="global"` is the literal reading of the paper (for comparison).
+    `clip_fn="automatic"` replaces clipping by per-example normalisation
+    C h / (||h|| + automatic_r) in either case, with the same guarantee.
     Use `dp_sgd_aggregate` / `anadp_aggregate` for the optax transforms.
     """
 
@@ -190,12 +199,15 @@ class Mechanism:
     beta1: float = 0.85
     beta2: float = 0.85
     profile_noise_ratio: float = 5.0
+    clip_fn: str = "clip"
+    automatic_r: float = DEFAULT_AUTOMATIC_R
 
     def __post_init__(self):
         _check_positive("l2_norm_clip", self.l2_norm_clip)
         _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
         _check_positive("expected_batch_size", self.expected_batch_size)
         check_clipping(self.clipping)
+        check_clip_fn(self.clip_fn, self.automatic_r)
         if self.adaptive:
             allocation.check_allocation_args(self.gamma, self.rho, self.warmup_steps)
             if self.grouping not in allocation.GROUPINGS:
@@ -348,6 +360,8 @@ class Mechanism:
             clipping=self.clipping,
             mask=mask,
             groups=self.profile_groups(params),
+            clip_fn=self.clip_fn,
+            automatic_r=self.automatic_r,
         )
         return self.release(clipped, state, params)
 
@@ -372,15 +386,24 @@ class Mechanism:
 
 
 def dp_sgd_aggregate(
-    l2_norm_clip: float, noise_multiplier: float, expected_batch_size: float, seed: int | None = None
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    seed: int | None = None,
+    *,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> optax.GradientTransformationExtraArgs:
-    """DP-SGD: clip each example to C, sum, add N(0, sigma^2 C^2), divide by qN.
+    """DP-SGD: clip each example to C (or, with clip_fn="automatic", rescale it to
+    C g / (||g|| + r)), sum, add N(0, sigma^2 C^2), divide by qN.
 
     `seed=None` (the default) draws the noise key from the operating system's
     entropy at `init`; an int seed makes the noise reproducible by anyone who
     knows it (research only).
     """
-    return Mechanism(l2_norm_clip, noise_multiplier, expected_batch_size, seed).as_transform()
+    return Mechanism(
+        l2_norm_clip, noise_multiplier, expected_batch_size, seed, clip_fn=clip_fn, automatic_r=automatic_r
+    ).as_transform()
 
 
 def anadp_aggregate(
@@ -398,6 +421,8 @@ def anadp_aggregate(
     importance: str = "elementwise",
     clipping: str = "elliptical",
     profile_noise_ratio: float = 5.0,
+    clip_fn: str = "clip",
+    automatic_r: float = DEFAULT_AUTOMATIC_R,
 ) -> optax.GradientTransformationExtraArgs:
     """ANADP: importance-weighted noise per parameter group (METHOD.md).
 
@@ -422,4 +447,6 @@ def anadp_aggregate(
         beta1=beta1,
         beta2=beta2,
         profile_noise_ratio=profile_noise_ratio,
+        clip_fn=clip_fn,
+        automatic_r=automatic_r,
     ).as_transform()

@@ -34,7 +34,7 @@ import optax
 
 from anadp import accounting, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
-from anadp.clipping import ClippedSum, clipped_grad_sum
+from anadp.clipping import CLIP_FNS, ClippedSum, clipped_grad_sum
 from anadp.noise import Mechanism, group_values
 
 METHODS = ("non_private", "dp_sgd", "anadp")
@@ -73,6 +73,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             bad("privacy.l2_norm_clip", p.l2_norm_clip, "must be > 0")
         if p.accountant not in ("pld", "rdp"):
             bad("privacy.accountant", p.accountant, "must be 'pld' or 'rdp'")
+        if p.clip_fn not in CLIP_FNS:
+            bad("privacy.clip_fn", p.clip_fn, f"must be one of {CLIP_FNS}")
+        if not 0 < p.automatic_r < float("inf"):
+            bad("privacy.automatic_r", p.automatic_r, "must be in (0, inf)")
         if p.method == "anadp":
             # Mechanism validates the ANADP fields; re-raise naming the config group.
             try:
@@ -178,6 +182,8 @@ def _mechanism(config, *, noise_multiplier: float, expected_batch_size: float) -
         beta1=p.beta1,
         beta2=p.beta2,
         profile_noise_ratio=p.profile_noise_ratio,
+        clip_fn=p.clip_fn,
+        automatic_r=p.automatic_r,
     )
 
 
@@ -298,6 +304,8 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
                 "mask": mask,
                 "microbatch_size": microbatch,
                 "groups": mechanism.profile_groups(trainable),
+                "clip_fn": mechanism.clip_fn,
+                "automatic_r": mechanism.automatic_r,
             }
             if engine == "ghost":
                 # Ghost norms + book-keeping: no per-example gradients of large matrices.

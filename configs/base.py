@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.privacy.delta = 0.0  # 0: a default below 1/N
     config.privacy.l2_norm_clip = 1.0
     config.privacy.clipping = "elliptical"  # elliptical | global (literal paper variant)
+    # clip: h * min(1, C / ||h||); automatic: C * h / (||h|| + automatic_r) (per-example
+    # normalisation, Bu et al.); both bound a contribution by C: the same guarantee.
+    config.privacy.clip_fn = "clip"
+    config.privacy.automatic_r = 0.01
     config.privacy.accountant = "pld"  # pld | rdp
     config.privacy.importance = "elementwise"  # elementwise | group_taylor | signal | private_profile
     config.privacy.gamma = 0.5

@@ -65,7 +65,8 @@ def run_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
-def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1, pooling="cls"):
+def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, layers=1, pooling="cls",
+            clip_fn="clip"):
     """The ghost engine against `clipping.clipped_grad_sum` without microbatches
     (i.e. `clipped_sum(per_example_grads(...))`), in one compiled program; the
     clip norm is the median per-example gradient norm (some rows clipped, some not)."""
@@ -86,14 +87,14 @@ def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, 
         else:
             norms = jnp.sqrt(sum(sq_norms))
         clip = jnp.median(norms)
-        kwargs = dict(l2_norm_clip=clip, clipping=mode, mask=mask, groups=groups)
+        kwargs = dict(l2_norm_clip=clip, clipping=mode, mask=mask, groups=groups, clip_fn=clip_fn)
         ref = clipping.clipped_sum(per_example, scales, **kwargs)
         got = ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, microbatch_size=microbatch_size, **kwargs)
         return norms, clip, ref, got
 
     norms, clip, ref, got = run_fast(run, trainable, frozen, batch, scales)
     assert np.min(norms) < clip < np.max(norms) and np.all(np.isfinite(norms))
-    assert_clipped_sums_equal(ref, got, f"{kind}/{finetune}/{mode}")
+    assert_clipped_sums_equal(ref, got, f"{kind}/{finetune}/{mode}/{clip_fn}")
 
 
 def assert_clipped_sums_equal(ref, got, where):
@@ -151,6 +152,18 @@ def test_ghost_equals_vmap(kind, finetune, mode, microbatch_size, use_mask, grou
 def test_ghost_equals_vmap_for_pooling_and_head(kind, finetune, pooling, mode, microbatch_size, use_mask, grouping):
     compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
             pooling=pooling)
+
+
+@pytest.mark.parametrize(
+    "kind,finetune,mode,microbatch_size,use_mask,grouping",
+    [
+        ("bert", "full", "elliptical", 4, True, "array"),
+        ("roberta", "lora", "global", None, False, "layer"),
+    ],
+)
+def test_ghost_equals_vmap_with_automatic_clipping(kind, finetune, mode, microbatch_size, use_mask, grouping):
+    compare(kind, finetune, mode, microbatch_size=microbatch_size, use_mask=use_mask, grouping=grouping,
+            clip_fn="automatic")
 
 
 def test_both_kernel_norm_methods():
@@ -245,4 +258,179 @@ def test_config_validation_of_the_engine():
     config.model.dropout = False
     config.train.clipping_engine = "fast"
     with pytest.raises(ValueError, match="clipping_engine"):
+        train.validate_config(config)
+
+
+def test_non_finite_examples_contribute_exactly_nothing():
+    """Tiny BERT, full fine-tuning: two examples hold a token whose embedding row
+    is NaN (one) or inf (the other), so their losses and every record and
+    cotangent of theirs are non-finite. Both engines drop them: finite sums
+    (and profiles), bit for bit the sums with those rows masked out, and those of
+    the clean model (the bad rows used by no one else) with them masked out."""
+    model, clean = tiny_model("bert", "full")
+    nan_row, inf_row = 2, 5
+    table = clean["embeddings"]["word_embeddings"]["embedding"]
+    # Ids 1 and 2 occur in no tiny_batch row (real ids are >= 3, padding is 0).
+    table = table.at[1].set(jnp.nan).at[2].set(jnp.inf)
+    bad = {**clean, "embeddings": {**clean["embeddings"], "word_embeddings": {"embedding": table}}}
+    batch = tiny_batch("bert")
+    batch["input_ids"] = batch["input_ids"].copy()
+    batch["input_ids"][nan_row, 1] = 1
+    batch["input_ids"][inf_row, 2] = 2
+    trainable, frozen = M.partition(bad, "full")
+    clean_trainable, _ = M.partition(clean, "full")
+    groups = allocation.make_groups(trainable, "array")
+    rng = np.random.default_rng(4)
+    scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.5, 2.0)), trainable)
+    masks = [None, np.array([1, 1, 0, 1, 1, 1, 1, 0], np.float32), np.array([1, 1, 1, 0, 1, 0, 1, 1], np.float32)]
+    kwargs = dict(l2_norm_clip=0.5, clipping="elliptical", groups=groups)
+
+    def dropped(mask):
+        kept = np.ones(8, np.float32) if mask is None else mask.copy()
+        kept[[nan_row, inf_row]] = 0.0
+        return jnp.asarray(kept)
+
+    def run(trainable, clean_trainable, frozen, batch, scales):
+        def both(params, mask):
+            loss_fn = train.make_example_loss(model, frozen, False)
+            return (
+                ghost.clipped_grad_sum(model, params, frozen, batch, scales, mask=mask, microbatch_size=4, **kwargs),
+                clipping.clipped_grad_sum(loss_fn, params, batch, scales, mask=mask, **kwargs),
+            )
+
+        return [(both(trainable, mask), both(trainable, dropped(mask)), both(clean_trainable, dropped(mask)))
+                for mask in masks]
+
+    for got, masked, clean_masked in run_fast(run, trainable, clean_trainable, frozen, batch, scales):
+        for engine in range(2):
+            for want in (masked[engine], clean_masked[engine]):
+                for x, y in zip(jax.tree_util.tree_leaves(got[engine]), jax.tree_util.tree_leaves(want), strict=True):
+                    assert np.all(np.isfinite(np.asarray(x)))
+                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert_clipped_sums_equal(got[1], got[0], "non-finite rows")
+
+
+def dot_precisions(lowered_text: str) -> list[str]:
+    return [line.split("precision = ")[1].split("]")[0] + "]" if "precision = " in line else "none"
+            for line in lowered_text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("kernel_norm", ["gram", "direct"])
+def test_contractions_run_at_full_float32(kernel_norm):
+    """Every dot of the engine that is not the model's own forward or backward pass
+    runs at HIGHEST precision (the CPU ignores the flag, so the program text is
+    checked): the model's passes are lowered alone and their non-HIGHEST dots
+    must be all the engine's program has. Full fine-tuning with LoRA on every
+    dense module meets every rule (dense, LoRA, LayerNorm, both embedding cases)."""
+    model, params = tiny_model("bert", "full")
+    trainable, frozen = M.partition(params, "full")
+    batch = tiny_batch("bert", rows=4, length=8)
+    groups = allocation.make_groups(trainable, "array")
+    leaf_paths = [tuple(ghost._key(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+
+    def engine(trainable, frozen, batch):
+        scales = jax.tree_util.tree_map(lambda _: jnp.float32(1.5), trainable)
+        return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, l2_norm_clip=1.0,
+                                      clipping="elliptical", groups=groups, kernel_norm=kernel_norm)
+
+    def passes_alone(trainable, frozen, batch):
+        return ghost._records_and_cotangents(model, M.combine(trainable, frozen), leaf_paths, batch)[1:]
+
+    def precisions(fn):
+        return dot_precisions(jax.jit(fn).lower(trainable, frozen, batch).as_text())
+
+    full, model_only = precisions(engine), precisions(passes_alone)
+    not_highest = [p for p in full if p != "[HIGHEST, HIGHEST]"]
+    assert len(not_highest) == len([p for p in model_only if p != "[HIGHEST, HIGHEST]"]) > 0
+    assert len(full) - len(model_only) >= 2 * len(leaf_paths) // 3  # the engine's own dots are there
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_each_whitened_contribution_is_at_most_c(kind, finetune):
+    """One example at a time (all others masked), elliptical clipping with uneven
+    scales: every whitened contribution's norm is <= C (1 + 1e-6), with C below
+    every example's norm, so that each contribution sits at the bound; with
+    clip_fn="automatic" it is C n / (n + r) for the example's whitened norm n.
+    (The CPU computes in float32 whatever the precision flag: on a GPU this is
+    what TF32 contractions would break.)"""
+    model, params = tiny_model(kind, finetune)
+    trainable, frozen = M.partition(params, finetune)
+    batch = tiny_batch(kind)
+    rng = np.random.default_rng(5)
+    scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.3, 3.0)), trainable)
+    one_at_a_time = jnp.eye(8, dtype=jnp.float32)
+
+    r = 0.01
+
+    def contributions(trainable, frozen, batch, scales, clip):
+        def one(mask, clip_fn):
+            return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, mask=mask, l2_norm_clip=clip,
+                                          clipping="elliptical", clip_fn=clip_fn, automatic_r=r).grads
+        return {fn: jax.vmap(lambda m, fn=fn: one(m, fn))(one_at_a_time) for fn in clipping.CLIP_FNS}
+
+    compiled = jax.jit(contributions).lower(trainable, frozen, batch, scales, 1.0).compile(
+        compiler_options=FAST_COMPILE)
+
+    def norms(clip):
+        out = compiled(trainable, frozen, batch, scales, clip)
+        return {fn: np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)).reshape(8, -1), axis=1)
+                                for x in jax.tree_util.tree_leaves(tree)))
+                for fn, tree in out.items()}
+
+    whitened = norms(1e9)["clip"]  # factor 1: the whitened gradients themselves
+    assert np.all(np.isfinite(whitened)) and np.all(whitened > 0)
+    clip = 0.5 * float(np.min(whitened))
+    got = norms(clip)
+    assert np.all(got["clip"] <= clip * (1 + 1e-6)), got["clip"] / clip - 1
+    assert np.all(got["clip"] >= clip * (1 - 1e-5))
+    assert np.all(got["automatic"] <= clip * (1 + 1e-6)), got["automatic"] / clip - 1
+    np.testing.assert_allclose(got["automatic"], clip * whitened / (whitened + r), rtol=1e-5)
+
+
+def test_training_step_passes_the_clip_fn(monkeypatch):
+    """config.privacy.clip_fn and automatic_r reach the clipping call of either engine."""
+    from configs import base
+
+    model, params = tiny_model("bert", "bias")
+    trainable, frozen = M.partition(params, "bias")
+    batch = tiny_batch("bert", rows=4, length=8)
+    seen = []
+
+    def fake_clipped_sum(*args, **kwargs):
+        seen.append((kwargs["clip_fn"], kwargs["automatic_r"]))
+        return clipping.ClippedSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
+
+    monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
+    monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)
+    for engine in train.CLIPPING_ENGINES:
+        config = base.get_config()
+        config.privacy.clip_fn = "automatic"
+        config.privacy.automatic_r = 0.125
+        config.train.clipping_engine = engine
+        train.validate_config(config)
+        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=4.0)
+        assert (mechanism.clip_fn, mechanism.automatic_r) == ("automatic", 0.125)
+        fns = train.make_step_functions(model, mechanism, train.make_optimizer(config.train, 10), config)
+        jax.eval_shape(fns.accumulate, trainable, frozen, trainable, batch, jnp.ones(4))
+    assert seen == [("automatic", 0.125)] * 2
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("clip_fn", "normalise", r"config.privacy.clip_fn='normalise' is invalid: must be one of \('clip', 'autom"),
+        ("automatic_r", 0.0, r"config.privacy.automatic_r=0.0 is invalid: must be in \(0, inf\)"),
+        ("automatic_r", -1.0, r"config.privacy.automatic_r=-1.0 is invalid"),
+    ],
+)
+@pytest.mark.parametrize("method", ["dp_sgd", "anadp"])
+def test_config_validation_of_the_clip_fn(field, value, message, method):
+    from configs import base
+
+    config = base.get_config()
+    assert (config.privacy.clip_fn, config.privacy.automatic_r) == ("clip", 0.01)
+    config.privacy.method = method
+    config.privacy[field] = value
+    with pytest.raises(ValueError, match=message):
         train.validate_config(config)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import anadp
-from anadp import accounting, allocation, importance
+from anadp import accounting, allocation, clipping, importance
 from anadp.noise import Mechanism, group_values
 
 C, SIGMA, QN = 1.5, 0.8, 64.0
@@ -26,11 +26,12 @@ def random_per_example(key, params, batch=9):
     return treedef.unflatten([jax.random.normal(k, (batch,) + x.shape) for k, x in zip(keys, leaves)])
 
 
-def test_gamma_zero_is_bit_identical_to_dp_sgd():
+@pytest.mark.parametrize("clip_fn", clipping.CLIP_FNS)
+def test_gamma_zero_is_bit_identical_to_dp_sgd(clip_fn):
     params = params_tree()
-    dp = optax.chain(anadp.dp_sgd_aggregate(C, SIGMA, QN, seed=3), optax.adam(1e-2))
+    dp = optax.chain(anadp.dp_sgd_aggregate(C, SIGMA, QN, seed=3, clip_fn=clip_fn), optax.adam(1e-2))
     ad = optax.chain(
-        anadp.anadp_aggregate(C, SIGMA, QN, seed=3, gamma=0.0, rho=4.0, importance="elementwise"),
+        anadp.anadp_aggregate(C, SIGMA, QN, seed=3, gamma=0.0, rho=4.0, importance="elementwise", clip_fn=clip_fn),
         optax.adam(1e-2),
     )
     p_dp, p_ad = params, params
@@ -181,6 +182,9 @@ def test_noise_key_never_repeats():
         (dict(importance="magic"), "importance='magic' is not one of"),
         (dict(grouping="row"), "grouping='row' is not one of"),
         (dict(beta1=1.0), r"beta1=1.0 is outside \[0, 1\)"),
+        (dict(clip_fn="normalise"), r"clip_fn='normalise' is not one of \('clip', 'automatic'\)"),
+        (dict(clip_fn="automatic", automatic_r=0.0), r"automatic_r=0.0 must be in \(0, inf\)"),
+        (dict(automatic_r=-0.5), r"automatic_r=-0.5 must be in \(0, inf\)"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -250,3 +254,24 @@ def test_joint_release_of_gradient_and_profile_has_sensitivity_one_over_z_eff():
     # both parts are used: the bound is nearly attained by a large example
     assert np.sqrt(grad_part) == pytest.approx(1.0 / SIGMA, rel=1e-3)
     assert profile_part > 0.5 * (1.0 / (ratio * SIGMA)) ** 2
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_automatic_clip_fn_reaches_the_release(adaptive):
+    """Without noise, the transforms release sum_i C h_i / (||h_i|| + r) / qN
+    (h = g for DP-SGD; s = 1 at the first step of ANADP): the option is used."""
+    r = 0.2
+    params = params_tree()
+    grads = random_per_example(jax.random.PRNGKey(30), params, batch=5)
+    grads = jax.tree_util.tree_map(lambda g: g * jnp.array([0.01, 0.1, 1.0, 10.0, 0.0]).reshape(
+        (-1,) + (1,) * (g.ndim - 1)), grads)
+    if adaptive:
+        tx = anadp.anadp_aggregate(C, 0.0, QN, gamma=1.0, clip_fn="automatic", automatic_r=r)
+    else:
+        tx = anadp.dp_sgd_aggregate(C, 0.0, QN, clip_fn="automatic", automatic_r=r)
+    released, _ = tx.update(grads, tx.init(params), params)
+    leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(grads)]
+    norms = np.sqrt(sum(np.sum(x.reshape(5, -1) ** 2, axis=1) for x in leaves))
+    factors = C / (norms + r)
+    for got, g in zip(jax.tree_util.tree_leaves(released), leaves, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.tensordot(factors, g, axes=1) / QN, rtol=1e-5, atol=1e-9)
