@@ -62,7 +62,8 @@ def main() -> None:
             continue
         s_min, eps = worst_case(s)
         realised = s.get("epsilon_realised_sequence_not_a_guarantee", s["epsilon"])
-        rows.append((s["target_epsilon"], s["noise_multiplier"], s_min, realised, eps, os.path.basename(os.path.dirname(path))))
+        name = os.path.basename(os.path.dirname(path))
+        rows.append((s["target_epsilon"], s["noise_multiplier"], s_min, realised, eps, name))
     lines = [
         "| target ε (DP-SGD's claim) | sigma | worst-case s_min | ε of the realised sequence (not a guarantee) "
         "| worst-case ε (the guarantee) | run |",
