@@ -1,4 +1,4 @@
-"""A trained run as a model: load_run / predict_logits."""
+"""A trained run as a model: load_run / predict_logits, and `python -m anadp.predict`."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import anadp.models as M
-from anadp import inference
+from anadp import inference, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -79,7 +79,31 @@ def run_logits(workdir, texts=TEXTS):
     return inference.predict_logits(model, params, tokenizer, texts, max_length=MAX_LENGTH)
 
 
-# --- columns, labels, tokenisation --------------------------------------------------------------
+# --- predict: files and columns --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_rows_round_trip_with_predictions_added(tmp_path, fmt):
+    path = tmp_path / f"in.{fmt}"
+    rows = [{"id": "1", "text": 'with, a "comma"'}, {"id": "2", "text": "ça\nva"}]
+    predict.write_rows(str(path), fmt, rows, ["id", "text"])
+    back, columns = predict.read_rows(str(path), fmt)
+    assert back == rows and columns == ["id", "text"]
+    probs = np.array([[0.25, 0.75], [0.9, 0.1]])
+    out = predict.with_predictions(back, probs, ["neg", "pos"])
+    assert [r["prediction"] for r in out] == ["pos", "neg"] and out[0]["prob_pos"] == 0.75
+    assert predict.prediction_columns(["neg", "pos"]) == ["prediction", "prob_neg", "prob_pos"]
+
+
+def test_missing_columns_and_clashes_are_refused():
+    with pytest.raises(ValueError, match="has no column 'text'.*its columns: id, sentence"):
+        predict.check_columns([], ["id", "sentence"], ("text",), "f.csv")
+    with pytest.raises(ValueError, match="row 2 has no value in column 'text'"):
+        predict.check_columns([{"text": "a"}, {"id": 3}], ["text", "id"], ("text",), "f.jsonl")
+    with pytest.raises(ValueError, match="already has the output column"):
+        predict.check_columns([], ["text", "prob_pos"], ("text",), "f.csv")
+    with pytest.raises(ValueError, match="unknown format '.txt'"):
+        predict.file_format("f.txt")
 
 
 def test_text_columns_and_labels_come_from_the_run(tmp_path):
@@ -134,4 +158,51 @@ def test_unmerged_lora_run_computes_the_same_logits(trained):
     assert any(p[-1] == "lora_b" for p in M.flatten_params(params))
     unmerged = inference.predict_logits(model, params, tokenizer, TEXTS, max_length=MAX_LENGTH)
     np.testing.assert_allclose(unmerged, run_logits(trained("lora")), atol=1e-5)
+
+
+def test_predict_cli_writes_the_rows_with_probabilities(trained, tmp_path):
+    path = tmp_path / "reviews.csv"
+    rows = [{"id": str(i), "text": t, "note": "x"} for i, t in enumerate(TEXTS)]
+    predict.write_rows(str(path), "csv", rows, ["id", "text", "note"])
+    out = tmp_path / "predicted.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "anadp.predict", f"--workdir={trained('cls')}", f"--input={path}", f"--output={out}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    back, columns = predict.read_rows(str(out), "csv")
+    assert columns == ["id", "text", "note", "prediction", "prob_negative", "prob_positive"]
+    assert [{k: r[k] for k in ("id", "text", "note")} for r in back] == rows
+    probs = np.array([[float(r["prob_negative"]), float(r["prob_positive"])] for r in back])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    assert [r["prediction"] for r in back] == [["negative", "positive"][i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose(probs, inference.softmax(run_logits(trained("cls"))), atol=1e-6)
+
+
+def test_predict_jsonl_keeps_every_field(trained, tmp_path):
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"text": t, "meta": {"i": i}} for i, t in enumerate(TEXTS)]
+    predict.write_rows(str(path), "jsonl", rows, ["text", "meta"])
+    assert predict.main([f"--workdir={trained('lora')}", f"--input={path}", f"--output={out}"]) == 0
+    back, _ = predict.read_rows(str(out), "jsonl")
+    assert [{"text": r["text"], "meta": r["meta"]} for r in back] == rows
+    probs = np.array([[r["prob_negative"], r["prob_positive"]] for r in back])
+    np.testing.assert_allclose(probs, inference.softmax(run_logits(trained("lora"))), atol=1e-6)
+
+
+def test_predict_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):
+    workdir = trained("cls")
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,sentence\n1,a film\n")
+    cases = [
+        ([f"--input={wrong}", f"--output={tmp_path / 'o.csv'}"], "has no column 'text'"),
+        ([f"--input={tmp_path / 'absent.csv'}", f"--output={tmp_path / 'o.csv'}"], "does not exist"),
+        ([f"--input={wrong}", f"--output={tmp_path / 'o.jsonl'}"], "the input's format (csv)"),
+    ]
+    for flags, message in cases:
+        assert predict.main([f"--workdir={workdir}", *flags]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, error
+    assert predict.main([f"--workdir={tmp_path}", f"--input={wrong}", f"--output={tmp_path / 'o.csv'}"]) == 2
+    assert "not a training workdir" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
 
