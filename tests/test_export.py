@@ -1,7 +1,10 @@
-"""A trained run as a model: load_run / predict_logits, and `python -m anadp.predict`."""
+"""A trained run as a model: load_run / predict_logits, `python -m anadp.predict`,
+and `python -m anadp.export` to a Hugging Face folder (read back by our loader and,
+where torch is installed, by transformers' PyTorch classes)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 import anadp.models as M
-from anadp import inference, predict
+from anadp import export, inference, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -74,9 +77,96 @@ def trained(tmp_path_factory, cache_env):
     return get
 
 
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The export folder of each kind of run, written once on first use."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            out = tmp_path_factory.mktemp("exports") / kind
+            assert export.main([f"--workdir={trained(kind)}", f"--out={out}"]) == 0
+            made[kind] = out
+        return made[kind]
+
+    return get
+
+
 def run_logits(workdir, texts=TEXTS):
     model, params, tokenizer, _ = inference.load_run(workdir)
     return inference.predict_logits(model, params, tokenizer, texts, max_length=MAX_LENGTH)
+
+
+def folder_logits(folder, texts=TEXTS, pooling="cls"):
+    model, params = M.from_pretrained(folder, num_labels=2, pooling=pooling)
+    return model, inference.predict_logits(model, params, M.tokenizer(folder), texts, max_length=MAX_LENGTH)
+
+
+# --- weights and configs, without training ------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny-bert-cls", "tiny-roberta"])
+def test_hf_state_dict_inverts_the_loader_on_hf_checkpoints(fixture):
+    """Names, transposes and LayerNorm weights: exporting a loaded HF checkpoint gives back its tensors."""
+    folder = os.path.join(FIXTURES, fixture)
+    original = M.read_safetensors(folder)
+    head = original.get("classifier.weight", original.get("classifier.out_proj.weight"))
+    model, params = M.from_pretrained(folder, num_labels=head.shape[0])
+    assert model.load_report.missing == [] and model.load_report.initialized == []
+    ignored = {"bert.embeddings.position_ids", "roberta.embeddings.position_ids", "bert.embeddings.token_type_ids"}
+    original = {k: v for k, v in original.items() if k not in ignored}
+    exported_tensors = export.hf_state_dict(model, params)
+    assert sorted(exported_tensors) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported_tensors[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_merged_lora_export_round_trips_through_the_loader(pooling):
+    """A LoRA model with non-zero adapters: merged, exported and converted back, the
+    same tree exactly; and the merged model computes the same logits."""
+    lora = M.LoraConfig(rank=4, alpha=8.0, targets=("query", "value", "intermediate"))
+    model, params = M.from_config(M.tiny_bert_config(vocab_size=100), 2, lora=lora, seed=3, pooling=pooling)
+    flat = M.flatten_params(params)
+    rng = np.random.default_rng(0)
+    flat = {p: (rng.normal(0, 0.1, v.shape).astype(np.float32) if p[-1] == "lora_b" else v) for p, v in flat.items()}
+    params = M.unflatten_params(flat)
+    merged, plain = M.merge_lora(params), model.clone(lora=None)
+    back, report = M.convert_checkpoint(export.hf_state_dict(plain, merged), plain.config, merged)
+    assert report.unexpected == [] and report.missing == []
+    for path, value in M.flatten_params(merged).items():
+        np.testing.assert_array_equal(M.flatten_params(back)[path], value, err_msg="/".join(path))
+    ids = rng.integers(3, 100, (3, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, 5:] = 0
+    lora_logits = model.apply({"params": params}, ids, mask, deterministic=True)
+    merged_logits = plain.apply({"params": merged}, ids, mask, deterministic=True)
+    np.testing.assert_allclose(merged_logits, lora_logits, atol=1e-5)
+
+
+def test_export_refuses_unmerged_lora():
+    model, params = M.from_config(M.tiny_bert_config(vocab_size=100), 2, lora=M.LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="merge LoRA"):
+        export.hf_state_dict(model, params)
+
+
+def test_export_config_names_the_class_the_head_needs():
+    labels = ["neg", "pos", "mixed"]
+    bert, _ = M.from_config(M.tiny_bert_config(vocab_size=100), 3)
+    mean, _ = M.from_config(M.tiny_bert_config(vocab_size=100), 3, pooling="mean")
+    roberta, _ = M.from_config(os.path.join(FIXTURES, "tiny-roberta"), 3)
+    base = {"architectures": ["BertModel"], "_name_or_path": "somewhere", "gradient_checkpointing": False}
+    for model, arch, model_type in [(bert, "BertForSequenceClassification", "bert"),
+                                    (roberta, "RobertaForSequenceClassification", "roberta"),
+                                    (mean, export.MEAN_POOLED_CLASS, M.MEAN_POOLED_BERT_TYPE)]:
+        config = export.export_hf_config(model, base, labels)
+        assert config["architectures"] == [arch] and config["model_type"] == model_type
+        assert config["num_labels"] == 3 and config["id2label"] == {"0": "neg", "1": "pos", "2": "mixed"}
+        assert config["label2id"] == {"neg": 0, "pos": 1, "mixed": 2}
+        assert config["hidden_size"] == model.config.hidden_size and "_name_or_path" not in config
+        assert ("auto_map" in config) == (model is mean)
+    # Our own loader reads the mean export's type as a BERT encoder with mean pooling.
+    assert M.ModelConfig.from_hf(export.export_hf_config(mean, base, labels)).model_type == "bert"
 
 
 # --- predict: files and columns --------------------------------------------------------------
@@ -160,7 +250,90 @@ def test_unmerged_lora_run_computes_the_same_logits(trained):
     np.testing.assert_allclose(unmerged, run_logits(trained("lora")), atol=1e-5)
 
 
-def test_predict_cli_writes_the_rows_with_probabilities(trained, tmp_path):
+@pytest.mark.parametrize("kind", ["cls", "lora"])
+def test_export_reloads_with_our_loader_to_the_same_logits(trained, exported, kind):
+    folder = exported(kind)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md",
+                                                 "tokenizer.json", "tokenizer_config.json"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["model_type"] == "bert"
+    assert config["id2label"] == {"0": "negative", "1": "positive"} and config["num_labels"] == 2
+    model, logits = folder_logits(folder)
+    report = model.load_report
+    assert report.missing == [] and report.unexpected == [] and report.initialized == [] and report.loaded > 0
+    np.testing.assert_allclose(logits, run_logits(trained(kind)), atol=1e-5)
+    # The exported tokenizer truncates where training did.
+    tokenizer = M.tokenizer(folder)
+    assert tokenizer.model_max_length == MAX_LENGTH
+    assert tokenizer(TEXTS[4], truncation=True)["input_ids"] == M.tokenizer("tiny-bert")(
+        TEXTS[4], truncation=True, max_length=MAX_LENGTH)["input_ids"]
+
+
+def _secret_forms(workdir):
+    """Text and byte forms in which the run's noise keys or sampler seed could appear in a file."""
+    from anadp import train
+
+    checkpoint = train.load_checkpoint(str(workdir))
+    secrets = checkpoint["run"]["secrets"]
+    keys = [[int(x) for x in secrets["noise_key"]]]
+    mechanism = checkpoint["state"]["mechanism"]
+    if isinstance(mechanism, dict) and "noise_key" in mechanism:  # the key after the last step
+        keys.append([int(x) for x in np.asarray(mechanism["noise_key"]).reshape(-1)])
+    seed = int(secrets["sampler_seed"], 16)
+    forms = [str(seed).encode(), format(seed, "x").encode(), seed.to_bytes(16, "little")]
+    for key in keys:
+        forms += [str(key[0]).encode(), str(key[1]).encode(), str(key[0] << 32 | key[1]).encode(),
+                  np.asarray(key, "<u4").tobytes(), np.asarray(key, ">u4").tobytes()]
+    return [f for f in forms if len(f) >= 6]  # shorter strings occur by chance
+
+
+@pytest.mark.parametrize("kind", ["cls", "lora"])
+def test_export_holds_nothing_secret(trained, exported, kind):
+    from safetensors.numpy import load_file
+
+    workdir, folder = trained(kind), exported(kind)
+    secrets = _secret_forms(workdir)
+    assert len(secrets) >= 8
+    for path in folder.rglob("*"):
+        content = path.read_bytes()
+        assert not any(s in content for s in secrets), f"{path.name} holds a secret"
+        for word in (b"noise_key", b"sampler_seed", b"opt_state", b"realised_ledger"):
+            assert word not in content, f"{path.name} mentions {word}"
+    names = load_file(str(folder / "model.safetensors"))
+    assert all(k.startswith(("bert.", "classifier.")) for k in names)
+    assert not any("lora" in k for k in names)
+
+
+def test_model_card_states_the_guarantee(trained, exported):
+    summary = inference.read_summary(trained("cls"))
+    card = (exported("cls") / "README.md").read_text()
+    for text in [f"| epsilon | {summary['epsilon']:.4f} |", "| delta | 1e-05 |", "PLD", "DP-SGD",
+                 "bounded by C = 1", f"| N (training rows) | {summary['num_train']} |", "| randomness | secure |",
+                 "| steps | 2 |", f"| validation | {summary['eval']['accuracy']:.4g}", "BertForSequenceClassification"]:
+        assert text in card, text
+    mean_card = (exported("mean") / "README.md").read_text()
+    assert "not differentially private" in mean_card and "trust_remote_code=True" in mean_card
+
+
+def test_export_refuses_an_unfinished_run_unless_asked(trained, tmp_path, capsys):
+    workdir = tmp_path / "unfinished"
+    workdir.mkdir()
+    source = trained("cls")
+    shutil.copy(source / "config.json", workdir / "config.json")
+    shutil.copytree(source / "checkpoints", workdir / "checkpoints")
+    assert export.main([f"--workdir={workdir}", f"--out={tmp_path / 'out'}"]) == 2
+    error = capsys.readouterr().err
+    assert "no summary.json" in error and "--allow_unfinished" in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert export.main([f"--workdir={workdir}", f"--out={tmp_path / 'out'}", "--allow_unfinished"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Unfinished run" in card and "step 2" in card
+    # A folder that already holds files is not written over.
+    assert export.main([f"--workdir={workdir}", f"--out={tmp_path / 'out'}", "--allow_unfinished"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_predict_cli_writes_the_rows_with_probabilities(trained, exported, tmp_path):
     path = tmp_path / "reviews.csv"
     rows = [{"id": str(i), "text": t, "note": "x"} for i, t in enumerate(TEXTS)]
     predict.write_rows(str(path), "csv", rows, ["id", "text", "note"])
@@ -175,7 +348,9 @@ def test_predict_cli_writes_the_rows_with_probabilities(trained, tmp_path):
     probs = np.array([[float(r["prob_negative"]), float(r["prob_positive"])] for r in back])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
     assert [r["prediction"] for r in back] == [["negative", "positive"][i] for i in probs.argmax(axis=1)]
-    np.testing.assert_allclose(probs, inference.softmax(run_logits(trained("cls"))), atol=1e-6)
+    # The exported folder, read by our own loader, gives the same probabilities.
+    _, logits = folder_logits(exported("cls"))
+    np.testing.assert_allclose(probs, inference.softmax(logits), atol=1e-5)
 
 
 def test_predict_jsonl_keeps_every_field(trained, tmp_path):
@@ -206,3 +381,49 @@ def test_predict_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):
     assert "not a training workdir" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
 
+
+# --- mean pooling: a custom class ----------------------------------------------------------
+
+
+def test_mean_pooling_export_ships_its_own_class(trained, exported):
+    folder = exported("mean")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [export.MEAN_POOLED_CLASS]
+    assert config["model_type"] == M.MEAN_POOLED_BERT_TYPE
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == f"modeling_anadp.{export.MEAN_POOLED_CLASS}"
+    code = (folder / "modeling_anadp.py").read_text()
+    assert "class AnadpBertMeanForSequenceClassification(BertPreTrainedModel)" in code
+    assert "add_pooling_layer=False" in code and "import anadp" not in code
+    # Our loader recognises it (pooling="auto") and computes the trained function.
+    model, logits = folder_logits(folder, pooling="auto")
+    assert model.pooling == "mean" and model.load_report.missing == [] and model.load_report.initialized == []
+    np.testing.assert_allclose(logits, run_logits(trained("mean")), atol=1e-5)
+
+
+# --- transformers' PyTorch classes (where torch is installed; skipped in CI) -----------------
+
+
+def _torch_logits(folder, trust_remote_code=False):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, trust_remote_code=trust_remote_code).eval()
+    batch = tokenizer(TEXTS, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return type(model).__name__, model(**batch).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", ["cls", "lora", "mean"])
+def test_transformers_loads_the_export_to_the_same_logits(trained, exported, kind):
+    pytest.importorskip("torch")
+    folder = str(exported(kind))
+    mean = kind == "mean"
+    name, logits = _torch_logits(folder, trust_remote_code=mean)
+    assert name == (export.MEAN_POOLED_CLASS if mean else "BertForSequenceClassification")
+    np.testing.assert_allclose(logits, run_logits(trained(kind)), atol=1e-4)
+    if mean:  # never silently as BertForSequenceClassification (a [CLS] pooler)
+        import transformers
+
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
