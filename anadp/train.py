@@ -187,6 +187,33 @@ def _mechanism(config, *, noise_multiplier: float, expected_batch_size: float) -
     )
 
 
+def lora_config(model_config) -> models.LoraConfig | None:
+    """The adapters `config.model` asks for: a LoraConfig for finetune="lora", else None.
+
+    Item access, so it reads a ConfigDict and the dict of a workdir's config.json alike.
+    """
+    if model_config["finetune"] != "lora":
+        return None
+    return models.LoraConfig(
+        rank=model_config["lora_rank"],
+        alpha=model_config["lora_alpha"],
+        dropout=model_config["lora_dropout"],
+        targets=tuple(x.strip() for x in model_config["lora_targets"].split(",") if x.strip()),
+    )
+
+
+def build_model(config, num_labels: int):
+    """The run's model and initial params: the checkpoint `model.name`, with its new head
+    and LoRA factors drawn from `train.seed`. `model.pooling` holds the pooling after
+    "auto" is resolved. Loading a trained run rebuilds its frozen params with this, so
+    it must stay the one place a run's model is made."""
+    m = config["model"]
+    return models.from_pretrained(
+        m["name"], num_labels, lora=lora_config(m), seed=config["train"]["seed"],
+        pooling=m["pooling"], head_init=m["head_init"],
+    )
+
+
 def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformation:
     lr = train_config.learning_rate
     warmup = train_config.lr_warmup_steps
@@ -461,6 +488,61 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     )
 
 
+def _read_only_manager(workdir: str):
+    """A checkpoint manager that reads a workdir and never creates or deletes anything in it."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise ValueError(f"workdir={workdir!r} has no checkpoints/ folder")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+    """The step of a run's latest checkpoint (None when it has none)."""
+    return _read_only_manager(workdir).latest_step()
+
+
+def load_trainable(workdir: str, template: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, trainable params) of a run's checkpoint (latest by default), read alone.
+
+    `template`: the trainable params' tree (arrays or ShapeDtypeStructs), as
+    `models.partition` gives it for the run's config. Only `state/trainable` is
+    read (an orbax partial restore): the optimiser state, the mechanism's state
+    (its noise key) and the run record (the secrets, the ledger) stay on disk, so
+    no caller can pass them on by accident. The manager is read-only: loading a
+    run neither creates nor changes anything in its workdir.
+    """
+    import orbax.checkpoint as ocp
+
+    manager = _read_only_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"workdir={workdir!r} has no checkpoint")
+    directory = manager.directory
+    wanted = {"trainable": jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ValueError(
+            f"the checkpoint at step {step} in {directory} does not hold the trainable parameters this "
+            f"config implies ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    trainable = restored["state"]["trainable"]
+    got_leaves = models.flatten_params(trainable)
+    for path, want in models.flatten_params(wanted["trainable"]).items():
+        got = got_leaves.get(path)
+        if got is None or tuple(np.shape(got)) != tuple(want.shape):
+            raise ValueError(
+                f"the checkpoint at step {step} in {directory} has {'/'.join(path)} of shape "
+                f"{None if got is None else tuple(np.shape(got))}, the config implies {tuple(want.shape)}"
+            )
+    return step, trainable
+
+
 def accounting_terms(config, noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
                      worst_case_scale: float, ledger: accounting.PrivacyLedger) -> dict:
     """Everything that decides how a step is accounted, as a resume must find it unchanged."""
@@ -541,19 +623,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         delta = p.delta or accounting.default_delta(num_train)
         accounting.check_delta(delta, num_train)
 
-    lora = None
-    if config.model.finetune == "lora":
-        lora = models.LoraConfig(
-            rank=config.model.lora_rank,
-            alpha=config.model.lora_alpha,
-            dropout=config.model.lora_dropout,
-            targets=tuple(x.strip() for x in config.model.lora_targets.split(",") if x.strip()),
-        )
-    # model.pooling holds the pooling after "auto" is resolved.
-    model, params = models.from_pretrained(
-        config.model.name, task.spec.num_labels, lora=lora, seed=t.seed,
-        pooling=config.model.pooling, head_init=config.model.head_init,
-    )
+    model, params = build_model(config, task.spec.num_labels)
     models.check_max_length(config.data.max_length, model.config)
     trainable, frozen = models.partition(params, config.model.finetune)
 

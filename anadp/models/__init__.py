@@ -17,7 +17,13 @@ Public surface::
     merged = merge_lora(params)        # apply with model.clone(lora=None)
     layer, matrix = layer_and_matrix(path)
 """
-from .config import ModelConfig, check_max_length, roberta_base_config, tiny_bert_config
+from .config import (
+    MEAN_POOLED_BERT_TYPE,
+    ModelConfig,
+    check_max_length,
+    roberta_base_config,
+    tiny_bert_config,
+)
 from .loading import (
     POOLING_CHOICES,
     SHORT_NAMES,
@@ -53,6 +59,7 @@ __all__ = [
     "LAYER_DENSE_MODULES",
     "LoadReport",
     "LoraConfig",
+    "MEAN_POOLED_BERT_TYPE",
     "ModelConfig",
     "POOLINGS",
     "POOLING_CHOICES",

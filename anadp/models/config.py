@@ -12,6 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+# The model_type `python -m anadp.export` gives a mean-pooled BERT classifier: the
+# folder ships its own PyTorch class, and a type transformers does not know makes
+# it refuse the folder without trust_remote_code instead of silently building
+# BertForSequenceClassification (a [CLS] pooler). Read here as a BERT encoder.
+MEAN_POOLED_BERT_TYPE = "anadp_bert_mean"
 
 # Activation names accepted in ``hidden_act`` (Hugging Face's ``ACT2FN`` keys we
 # implement; see ``anadp.models.modeling.activation``).
@@ -114,6 +119,8 @@ class ModelConfig:
         if model_type is None:
             archs = " ".join(d.get("architectures") or ()).lower()
             model_type = "roberta" if "roberta" in archs else "bert"
+        if model_type == MEAN_POOLED_BERT_TYPE:
+            model_type = "bert"
         position_type = d.get("position_embedding_type", "absolute") or "absolute"
         if position_type != "absolute":
             raise ValueError(

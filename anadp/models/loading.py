@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, tiny_bert_config
+from .config import MEAN_POOLED_BERT_TYPE, ModelConfig, tiny_bert_config
 from .lora import LORA_LEAVES, LORA_SCALE, LoraConfig, flatten_params, unflatten_params
 from .modeling import POOLINGS, EncoderClassifier, output_layer_path
 
@@ -116,7 +116,8 @@ def resolve_pooling(name_or_path: str | os.PathLike | None, pooling: str) -> str
 
     ``"cls"`` and ``"mean"`` are returned as they are. ``"auto"`` is ``"mean"``
     when the checkpoint is a sentence-transformers model trained with mean
-    pooling (see ``checkpoint_pooling``), else ``"cls"``; random weights
+    pooling or a mean-pooled classifier exported by ``anadp.export`` (see
+    ``checkpoint_pooling``), else ``"cls"``; random weights
     (``None``, ``"tiny-bert"``) were trained with no pooling and get ``"cls"``.
     Resolving a hub id fetches it, as ``from_pretrained`` would.
     """
@@ -131,7 +132,9 @@ def resolve_pooling(name_or_path: str | os.PathLike | None, pooling: str) -> str
 
 def checkpoint_pooling(folder: str) -> str:
     """``"mean"`` if the folder is a sentence-transformers model whose pooling
-    module averages the token embeddings and does nothing else, else ``"cls"``.
+    module averages the token embeddings and does nothing else, or a mean-pooled
+    classifier written by ``anadp.export`` (config.json's ``model_type`` is
+    ``MEAN_POOLED_BERT_TYPE``), else ``"cls"``.
 
     sentence-transformers lists its modules in ``modules.json``; the
     ``sentence_transformers.models.Pooling`` entry names a folder (usually
@@ -142,6 +145,11 @@ def checkpoint_pooling(folder: str) -> str:
     The Normalize module that may follow (all-MiniLM-L6-v2 has one) rescales the
     sentence vector to unit length; the classifier here reads the plain mean.
     """
+    config_file = os.path.join(folder, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            if json.load(f).get("model_type") == MEAN_POOLED_BERT_TYPE:
+                return "mean"
     modules_file = os.path.join(folder, "modules.json")
     if not os.path.isfile(modules_file):
         return "cls"
@@ -482,7 +490,9 @@ def tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
+        # BERT/RoBERTa tokenizers need no custom code, and nothing here runs any (an
+        # exported mean-pooled model ships some, for its model class only).
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise OSError(f"could not load a tokenizer from {folder!r}: {e}") from e
     if os.fspath(name_or_path) == "tiny-bert":
