@@ -6,6 +6,7 @@ in `workdir`:
     config.json       the resolved config (a rerun with another config is refused)
     labels.json       the class names, index = class id (a JSON list of strings)
     metrics.jsonl     one JSON object per logged step
+    tensorboard/      the same public metrics as TensorBoard event files
     summary.json      final metrics, epsilon, delta, steps, wall time, versions
     checkpoints/      orbax checkpoints: everything a resume needs
     *.png             training curves; for ANADP the noise-scale heatmaps
@@ -214,7 +215,7 @@ class FreshPaths:
     Nothing is released before the first step, so nothing is lost: the step-0
     checkpoint holds only the secrets, drawn afresh by the next run."""
 
-    OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints")
+    OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints", "tensorboard")
 
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
@@ -484,6 +485,52 @@ class RunLog:
         if sharding.is_main_process():
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def tensorboard_scalars(record: dict, include_nonprivate: bool = False) -> dict[str, float]:
+    """The scalars of a metrics.jsonl record under TensorBoard tags: ``<split>/<metric>``
+    for the dev metrics, the record's own key for epsilon and the other top-level
+    numbers. Keys marked ``nonprivate/`` only with ``include_nonprivate``; the
+    per-group dicts (noise scales, importance) stay in metrics.jsonl and the figures."""
+    scalars = {}
+    for split, metrics in record.get("eval", {}).items():
+        for name, value in metrics.items():
+            scalars[f"{split}/{name}"] = float(value)
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key.startswith("nonprivate/") and not include_nonprivate:
+            continue
+        scalars[key] = float(value)
+    return scalars
+
+
+class TensorBoardLog:
+    """``tensorboard/``: event files with the scalars of metrics.jsonl (tensorboardX,
+    no TensorFlow). The writer is opened at the first record, so a run that logs
+    nothing leaves no folder; a resumed run tells TensorBoard to drop what an
+    interrupted run logged after its checkpoint (``purge_step``), as metrics.jsonl
+    is cut back."""
+
+    def __init__(self, folder: str, resume_step: int, include_nonprivate: bool):
+        self.folder, self.resume_step, self.include_nonprivate = folder, resume_step, include_nonprivate
+        self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not sharding.is_main_process():
+            return
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            purge_step = self.resume_step + 1 if self.resume_step > 0 else None
+            self.writer = SummaryWriter(self.folder, purge_step=purge_step)
+        for tag, value in tensorboard_scalars(record, self.include_nonprivate).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+        self.writer.flush()  # a killed run keeps every record it logged
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _checkpoint_manager(workdir: str, create: bool = True):
@@ -784,6 +831,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+    board = TensorBoardLog(os.path.join(workdir, "tensorboard"), start_step,
+                           include_nonprivate=config.debug.log_private_diagnostics)
     buckets = parse_buckets(config.data.bucket_lengths)
     main_metric = task.spec.main_metric
     dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
@@ -851,6 +900,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
             # Wall-clock time depends on the realised batch sizes and bucket lengths.
             record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
             log.write(record)
+            board.write(record)
         progress.update(done, last_eval, epsilon_now, main_metric)
         # Whatever was logged is covered by a checkpoint's ledger and secrets.
         if evaluating or done % t.checkpoint_every == 0:
@@ -858,6 +908,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         fresh.keep()
     fresh.keep()
     progress.close()
+    board.close()
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
         last_eval = eval_all(state.trainable)

@@ -60,6 +60,33 @@ def test_launch_writes_summary_metrics_and_plots(tmp_path, cache_env):
         assert (workdir / png).stat().st_size > 1000
     assert "dev accuracy" in result.stdout and "epsilon" in result.stdout
     assert json.loads((workdir / "labels.json").read_text()) == ["negative", "positive"]
+    # TensorBoard: the same public scalars at the same steps, no nonprivate/ ones.
+    board = read_tensorboard(workdir / "tensorboard")
+    for tag, value_of in [("validation/accuracy", lambda r: r["eval"]["validation"]["accuracy"]),
+                          ("validation/loss", lambda r: r["eval"]["validation"]["loss"]),
+                          ("epsilon", lambda r: r["epsilon"]),
+                          ("importance_weight_corr", lambda r: r["importance_weight_corr"])]:
+        assert board[tag] == {r["step"]: pytest.approx(value_of(r), rel=1e-6) for r in records}, tag
+    assert not any(tag.startswith("nonprivate/") for tag in board)
+
+
+def read_tensorboard(folder) -> dict:
+    """{tag: {step: value}} of the scalars in a folder's event files, read without
+    TensorFlow: TFRecord framing (length, its CRC, an Event proto, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
 
 
 def final_params(workdir):
@@ -416,6 +443,16 @@ def test_validate_config_names_the_bad_field(fields, message):
     assert str(info.value).startswith(message)
 
 
+def test_tensorboard_scalars_leave_nonprivate_keys_to_the_debug_switch():
+    from anadp import train
+
+    record = {"step": 3, "eval": {"validation": {"accuracy": 0.5, "loss": 0.7}}, "epsilon": 1.5,
+              "noise_scales": {"a": 1.0}, "importance_weight_corr": 0.25, "nonprivate/elapsed_s": 9.0}
+    public = {"validation/accuracy": 0.5, "validation/loss": 0.7, "epsilon": 1.5, "importance_weight_corr": 0.25}
+    assert train.tensorboard_scalars(record) == public
+    assert train.tensorboard_scalars(record, include_nonprivate=True) == {**public, "nonprivate/elapsed_s": 9.0}
+
+
 def test_csv_run_writes_its_classes_and_macro_f1(tmp_path, cache_env):
     words = {"pos": ["great", "lovely", "superb"], "neg": ["awful", "dull", "bad"], "mixed": ["odd", "uneven"]}
     lines = ["text,label"] + [f'"A {words[label][i % len(words[label])]} film, take {i}",{label}'
@@ -431,3 +468,5 @@ def test_csv_run_writes_its_classes_and_macro_f1(tmp_path, cache_env):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["task"] == "csv" and summary["num_train"] == 54  # 60 rows, 6 held out as the dev split
     assert set(summary["eval"]) == {"accuracy", "macro_f1", "loss"}
+    board = read_tensorboard(workdir / "tensorboard")
+    assert sorted(board["validation/macro_f1"]) == [1, 2] and sorted(board["epsilon"]) == [1, 2]
