@@ -213,7 +213,8 @@ class FreshPaths:
     on a clean workdir instead of being refused as "a different config".
 
     Nothing is released before the first step, so nothing is lost: the step-0
-    checkpoint holds only the secrets, drawn afresh by the next run."""
+    checkpoint holds the initial state and the secrets, which the next run draws
+    afresh. Only process 0 removes (it alone writes the workdir's files)."""
 
     OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints", "tensorboard")
 
