@@ -5,19 +5,84 @@ LoRA on Rotten Tomatoes, ANADP at epsilon 3) into ./runs/default. Any config
 field can be overridden, e.g. `--config.privacy.epsilon=8`.
 """
 
+import difflib
+import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+
+def config_flag_error(argv: list[str]) -> str | None:
+    """What is wrong with the --config and --config.<field> flags, in one line, or None.
+
+    config_flags loads the config and applies the overrides while the flags are
+    defined (without --config) or parsed, and reports an unknown field as a
+    KeyError traceback, a missing file only when the config is first read; so
+    both are checked here first."""
+    spec = DEFAULT_CONFIG
+    for i, arg in enumerate(argv[1:], start=1):
+        if re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif re.match(r"--?config=", arg):
+            spec = arg.split("=", 1)[1]
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return (f"--config={spec}: no such config file (a Python file with get_config(), e.g. "
+                "configs/default.py or configs/glue.py:mnli)")
+    config = load_config(spec)
+    for arg in argv[1:]:
+        override = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+        if override:
+            problem = unknown_field(config, override.group(1))
+            if problem:
+                return f"{arg}: {problem}"
+    return None
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(argument)` of `path[:argument]`, as config_flags calls it."""
+    path, *argument = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("_launch_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*argument)
+
+
+def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """Why `config.<dotted>` is not a field (naming the fields there are), or None."""
+    node, where = config, "config"
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"{where} is a value, not a group of fields"
+        if part not in node:
+            fields = sorted(node.keys())
+            close = difflib.get_close_matches(part, fields, 1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            return f"{where} has no field {part!r} ({hint}its fields: {', '.join(fields)})"
+        node, where = node[part], f"{where}.{part}"
+    return None
+
+
+if __name__ == "__main__":
+    # Before DEFINE_config_file, which would already raise on an unknown field.
+    _problem = config_flag_error(sys.argv)
+    if _problem:
+        print(f"error: {_problem}", file=sys.stderr)
+        sys.exit(2)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    DEFAULT_CONFIG,
     "Path to an ml_collections config file, optionally with ':argument'.",
     lock_config=True,
 )
@@ -51,7 +116,7 @@ def main(argv):
         summary = train.run(_CONFIG.value, _WORKDIR.value)
     except ValueError as e:
         # Configuration and input errors: one clear line, no traceback.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     if sharding.is_main_process():
         metric = summary["main_metric"]

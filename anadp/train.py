@@ -4,10 +4,15 @@
 in `workdir`:
 
     config.json       the resolved config (a rerun with another config is refused)
+    labels.json       the class names, index = class id (a JSON list of strings)
     metrics.jsonl     one JSON object per logged step
+    tensorboard/      the same public metrics as TensorBoard event files
     summary.json      final metrics, epsilon, delta, steps, wall time, versions
     checkpoints/      orbax checkpoints: everything a resume needs
     *.png             training curves; for ANADP the noise-scale heatmaps
+
+A run that fails before its first step is done takes away what it added, so
+the corrected command starts as on a clean workdir.
 
 What is written is public in the sense of METHOD.md: parameters, released
 gradients' consequences, the allocation, epsilon, and metrics on the dev split.
@@ -17,10 +22,12 @@ The training loss of private batches is written only behind
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +41,7 @@ import optax
 
 from anadp import accounting, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
-from anadp.clipping import CLIP_FNS, ClippedSum, clipped_grad_sum
+from anadp.clipping import CLIP_FNS, CLIPPING_MODES, ClippedSum, clipped_grad_sum
 from anadp.noise import Mechanism, group_values
 
 METHODS = ("non_private", "dp_sgd", "anadp")
@@ -47,7 +54,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Refuses a bad configuration with a message naming the field."""
-    p, t, d = config.privacy, config.train, config.data
+    p, t, d, m = config.privacy, config.train, config.data, config.model
 
     def bad(field, value, allowed):
         raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
@@ -56,12 +63,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("data.task", d.task, f"known tasks are {sorted(data_lib.known_tasks())}")
     if p.method not in METHODS:
         bad("privacy.method", p.method, f"must be one of {METHODS}")
-    if config.model.finetune not in models.FINETUNE_MODES:
-        bad("model.finetune", config.model.finetune, f"must be one of {models.FINETUNE_MODES}")
-    if config.model.pooling not in models.POOLING_CHOICES:
-        bad("model.pooling", config.model.pooling, f"must be one of {models.POOLING_CHOICES}")
-    if config.model.head_init not in models.HEAD_INITS:
-        bad("model.head_init", config.model.head_init, f"must be one of {models.HEAD_INITS}")
+    if m.finetune not in models.FINETUNE_MODES:
+        bad("model.finetune", m.finetune, f"must be one of {models.FINETUNE_MODES}")
+    if m.pooling not in models.POOLING_CHOICES:
+        bad("model.pooling", m.pooling, f"must be one of {models.POOLING_CHOICES}")
+    if m.head_init not in models.HEAD_INITS:
+        bad("model.head_init", m.head_init, f"must be one of {models.HEAD_INITS}")
+    if m.lora_rank < 1:
+        bad("model.lora_rank", m.lora_rank, "must be >= 1")
+    if not m.lora_alpha > 0:
+        bad("model.lora_alpha", m.lora_alpha, "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
+    if not 0 <= m.lora_dropout < 1:
+        bad("model.lora_dropout", m.lora_dropout, "must be in [0, 1)")
+    _validate_data(d, bad)
     if p.method != "non_private":
         if p.noise_multiplier < 0:
             bad("privacy.noise_multiplier", p.noise_multiplier, "must be >= 0 (0: calibrate to epsilon)")
@@ -73,6 +87,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             bad("privacy.l2_norm_clip", p.l2_norm_clip, "must be > 0")
         if p.accountant not in ("pld", "rdp"):
             bad("privacy.accountant", p.accountant, "must be 'pld' or 'rdp'")
+        # Checked for every private method, although only ANADP reads it: a typo
+        # must not pass silently until the day the method changes.
+        if p.clipping not in CLIPPING_MODES:
+            bad("privacy.clipping", p.clipping, f"must be one of {CLIPPING_MODES}")
         if p.clip_fn not in CLIP_FNS:
             bad("privacy.clip_fn", p.clip_fn, f"must be one of {CLIP_FNS}")
         if not 0 < p.automatic_r < float("inf"):
@@ -107,11 +125,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("train.schedule", t.schedule, f"must be one of {SCHEDULES}")
     if not t.learning_rate > 0:
         bad("train.learning_rate", t.learning_rate, "must be > 0")
+    if t.lr_warmup_steps < 0:
+        bad("train.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
+    if not t.weight_decay >= 0:
+        bad("train.weight_decay", t.weight_decay, "must be >= 0")
     for field in ("eval_every", "checkpoint_every", "eval_batch_size"):
         if t[field] < 1:
             bad(f"train.{field}", t[field], "must be >= 1")
     if d.max_length < 2:
         bad("data.max_length", d.max_length, "must be >= 2")
+
+
+def _validate_data(d: ml_collections.ConfigDict, bad: Callable) -> None:
+    """The file fields belong to the csv / jsonl tasks, data.dir to the others."""
+    if d.task not in data_lib.FILE_TASKS:
+        for field in ("train_file", "dev_file"):
+            if d[field]:
+                bad(f"data.{field}", d[field], f"must be empty unless data.task is one of {data_lib.FILE_TASKS}")
+        return
+    if not d.train_file:
+        bad("data.train_file", d.train_file, f"must name your {d.task.upper()} file for data.task={d.task}")
+    if d.dir:
+        bad("data.dir", d.dir, f"must be empty with data.task={d.task} (data.train_file is a path of its own)")
+    for field in ("text_column", "label_column"):
+        if not d[field].strip():
+            bad(f"data.{field}", d[field], "must name a column")
+    if d.label_column in (d.text_column, d.text_pair_column):
+        bad("data.label_column", d.label_column, "must differ from data.text_column and data.text_pair_column")
+    if d.text_pair_column == d.text_column:
+        bad("data.text_pair_column", d.text_pair_column, "must differ from data.text_column (or be empty)")
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -137,11 +179,75 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """config.json, written once the run has set up (a failed start leaves none behind)."""
-    path = os.path.join(workdir, "config.json")
-    if sharding.is_main_process() and not os.path.exists(path):
-        _write_json(path, json.loads(config.to_json()))
+def write_config(workdir: str, config: ml_collections.ConfigDict, label_names: tuple[str, ...]) -> None:
+    """config.json and labels.json (the class names, index = class id), written
+    once the run has set up (a failed start leaves neither behind)."""
+    if not sharding.is_main_process():
+        return
+    for name, content in (("config.json", json.loads(config.to_json())), (LABELS_FILE, list(label_names))):
+        path = os.path.join(workdir, name)
+        if not os.path.exists(path):
+            _write_json(path, content)
+
+
+LABELS_FILE = "labels.json"
+
+
+def check_same_labels(workdir: str, label_names: tuple[str, ...]) -> None:
+    """Refuses to resume a run whose data now has other classes (an edited train file)."""
+    path = os.path.join(workdir, LABELS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    if previous != list(label_names):
+        raise ValueError(
+            f"workdir={workdir!r} holds a run trained on the classes {previous}; the data now has "
+            f"{list(label_names)}: use a new workdir"
+        )
+
+
+class FreshPaths:
+    """What a run adds to its workdir, so that a run failing before its first
+    step can take exactly that away again: the corrected command then starts as
+    on a clean workdir instead of being refused as "a different config".
+
+    Nothing is released before the first step, so nothing is lost: the step-0
+    checkpoint holds the initial state and the secrets, which the next run draws
+    afresh. Only process 0 removes (it alone writes the workdir's files)."""
+
+    OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints", "tensorboard")
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.new_folders = []  # the workdir and the parents it will need, deepest first
+        path = self.workdir
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            self.new_folders.append(path)
+            path = os.path.dirname(path)
+        self.new_outputs = [n for n in self.OUTPUTS if not os.path.lexists(os.path.join(self.workdir, n))]
+        self.kept = False
+
+    def keep(self) -> None:
+        """From now on the workdir holds a run worth resuming."""
+        self.kept = True
+
+    def remove(self) -> None:
+        if self.kept or not sharding.is_main_process():
+            return
+        for name in self.new_outputs:
+            path = os.path.join(self.workdir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        for folder in self.new_folders:
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:
+                continue
+            except OSError:  # not empty: something else was put there
+                break
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -409,16 +515,64 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _checkpoint_manager(workdir: str):
+def tensorboard_scalars(record: dict, include_nonprivate: bool = False) -> dict[str, float]:
+    """The scalars of a metrics.jsonl record under TensorBoard tags: ``<split>/<metric>``
+    for the dev metrics, the record's own key for epsilon and the other top-level
+    numbers. Keys marked ``nonprivate/`` only with ``include_nonprivate``; the
+    per-group dicts (noise scales, importance) stay in metrics.jsonl and the figures."""
+    scalars = {}
+    for split, metrics in record.get("eval", {}).items():
+        for name, value in metrics.items():
+            scalars[f"{split}/{name}"] = float(value)
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key.startswith("nonprivate/") and not include_nonprivate:
+            continue
+        scalars[key] = float(value)
+    return scalars
+
+
+class TensorBoardLog:
+    """``tensorboard/``: event files with the scalars of metrics.jsonl (tensorboardX,
+    no TensorFlow). The writer is opened at the first record, so a run that logs
+    nothing leaves no folder; a resumed run tells TensorBoard to drop what an
+    interrupted run logged after its checkpoint (``purge_step``), as metrics.jsonl
+    is cut back."""
+
+    def __init__(self, folder: str, resume_step: int, include_nonprivate: bool):
+        self.folder, self.resume_step, self.include_nonprivate = folder, resume_step, include_nonprivate
+        self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not sharding.is_main_process():
+            return
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            purge_step = self.resume_step + 1 if self.resume_step > 0 else None
+            self.writer = SummaryWriter(self.folder, purge_step=purge_step)
+        for tag, value in tensorboard_scalars(record, self.include_nonprivate).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+        self.writer.flush()  # a killed run keeps every record it logged
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _checkpoint_manager(workdir: str, create: bool = True):
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if sharding.is_main_process():
+    if not create and not os.path.isdir(directory):
+        raise ValueError(f"workdir={workdir!r} has no checkpoint")  # reading must not create the folder
+    if sharding.is_main_process() and create:
         # Checkpoints hold the run's secret randomness (and, like the data, they
         # are not for publication): owner-only.
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -476,7 +630,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     """A run's checkpoint as saved ({"state", "ledger", "run"}), latest by default."""
     import orbax.checkpoint as ocp
 
-    manager = _checkpoint_manager(workdir)
+    manager = _checkpoint_manager(workdir, create=False)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"workdir={workdir!r} has no checkpoint")
@@ -607,23 +761,66 @@ def _scales_record(mechanism: Mechanism, state: TrainState, trainable_template) 
 # --- the run -----------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _naming(field: str, value: Any):
+    """A missing folder or file, or an unreachable hub, as the one-line error of the setting that named it."""
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"config.{field}={value!r}: {_one_line(e)}") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def load_task(config: ml_collections.ConfigDict, tokenizer) -> data_lib.TaskData:
+    """The config's task, tokenised; the user's csv / jsonl files by their paths alone."""
+    d = config.data
+    if d.task in data_lib.FILE_TASKS:
+        files = data_lib.UserFiles(d.train_file, d.dev_file, d.text_column, d.text_pair_column, d.label_column)
+        try:
+            return data_lib.load_task(d.task, tokenizer, d.max_length, files=files)
+        except FileNotFoundError as e:  # its message names data.train_file / data.dev_file
+            raise ValueError(_one_line(e)) from None
+    with _naming("data.dir", d.dir):
+        return data_lib.load_task(d.task, tokenizer, d.max_length, data_dir=d.dir or None)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains one configuration end to end (resuming from `workdir` if it holds a checkpoint)."""
+    """Trains one configuration end to end (resuming from `workdir` if it holds a checkpoint).
+
+    A run that fails before its first step is done leaves `workdir` as it found it."""
     start_time = time.time()
     validate_config(config)
+    fresh = FreshPaths(workdir)
+    try:
+        return _run(config, workdir, start_time, fresh)
+    except BaseException:
+        fresh.remove()
+        raise
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
     prepare_workdir(workdir, config)
     p, t = config.privacy, config.train
     private = p.method != "non_private"
 
-    tokenizer = models.tokenizer(config.model.name)
-    task = data_lib.load_task(config.data.task, tokenizer, config.data.max_length, data_dir=config.data.dir or None)
+    with _naming("model.name", config.model.name):
+        tokenizer = models.tokenizer(config.model.name)
+    task = load_task(config, tokenizer)
+    check_same_labels(workdir, task.spec.label_names)
     num_train = len(task.train["labels"])
+    if t.expected_batch_size > num_train:
+        raise ValueError(f"config.train.expected_batch_size={t.expected_batch_size!r} is invalid: must be at most "
+                         f"the {num_train} training rows")
     delta = 0.0
     if private:
         delta = p.delta or accounting.default_delta(num_train)
         accounting.check_delta(delta, num_train)
 
-    model, params = build_model(config, task.spec.num_labels)
+    with _naming("model.name", config.model.name):
+        model, params = build_model(config, task.spec.num_labels)
     models.check_max_length(config.data.max_length, model.config)
     trainable, frozen = models.partition(params, config.model.finetune)
 
@@ -697,7 +894,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         }
         save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
 
-    write_config(workdir, config)
+    write_config(workdir, config, task.spec.label_names)
     if restored is None:
         # The secrets are saved before anything is released, so a crash at any
         # point resumes with the same randomness (and replays the same releases).
@@ -705,6 +902,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
+    board = TensorBoardLog(os.path.join(workdir, "tensorboard"), start_step,
+                           include_nonprivate=config.debug.log_private_diagnostics)
     buckets = parse_buckets(config.data.bucket_lengths)
     main_metric = task.spec.main_metric
     dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
@@ -772,11 +971,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # Wall-clock time depends on the realised batch sizes and bucket lengths.
             record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
             log.write(record)
+            board.write(record)
         progress.update(done, last_eval, epsilon_now, main_metric)
         # Whatever was logged is covered by a checkpoint's ledger and secrets.
         if evaluating or done % t.checkpoint_every == 0:
             checkpoint(done)
+        fresh.keep()
+    fresh.keep()
     progress.close()
+    board.close()
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
         last_eval = eval_all(state.trainable)

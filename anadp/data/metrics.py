@@ -1,5 +1,6 @@
 """GLUE metrics in NumPy: accuracy, binary F1 (positive class 1), Matthews
-correlation. ``predictions`` may be class ids ``[n]`` or logits ``[n, C]``."""
+correlation; macro F1 for the user's own tasks. ``predictions`` may be class
+ids ``[n]`` or logits ``[n, C]``."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -40,6 +41,19 @@ def f1(predictions, labels) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def macro_f1(predictions, labels) -> float:
+    """The unweighted mean of each class's F1 (one class against the rest), over
+    the classes that occur in the labels or the predictions, as scikit-learn's
+    ``f1_score(average="macro")``; a class never predicted correctly scores 0."""
+    p, y = _check(_as_classes(predictions), labels)
+    scores = []
+    for c in np.union1d(p, y):
+        tp = float(np.sum((p == c) & (y == c)))
+        wrong = float(np.sum((p == c) != (y == c)))  # false positives + false negatives
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + wrong))
+    return float(np.mean(scores))
+
+
 def matthews_correlation(predictions, labels) -> float:
     """Matthews correlation (binary), as GLUE scores CoLA; 0 when undefined
     (a constant prediction or label vector), as scikit-learn does."""
@@ -55,6 +69,7 @@ def matthews_correlation(predictions, labels) -> float:
 METRICS = {
     "accuracy": accuracy,
     "f1": f1,
+    "macro_f1": macro_f1,
     "matthews_correlation": matthews_correlation,
 }
 

