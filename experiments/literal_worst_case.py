@@ -26,22 +26,20 @@ def worst_case(summary: dict) -> tuple[float, float]:
     """(s_min, epsilon) for one literal run's summary."""
     from anadp import accounting, models, train
     from anadp.data import tasks
+    from configs import base
 
-    config = summary["config"]
-    p, m = config["privacy"], config["model"]
-    lora = None
-    if m["finetune"] == "lora":
-        lora = models.LoraConfig(rank=m["lora_rank"], alpha=m["lora_alpha"], dropout=m["lora_dropout"],
-                                 targets=tuple(x.strip() for x in m["lora_targets"].split(",") if x.strip()))
+    # Summaries written before a config field existed lack it: take today's default.
+    config = base.get_config()
+    for group, fields in summary["config"].items():
+        for field, value in fields.items():
+            config[group][field] = value
     num_labels = tasks.get_task(summary["task"]).num_labels
-    _, params = models.from_pretrained(m["name"], num_labels, lora=lora, seed=config["train"]["seed"])
-    trainable, _ = models.partition(params, m["finetune"])
-    import ml_collections
-
-    mechanism = train._mechanism(ml_collections.ConfigDict(config), noise_multiplier=summary["noise_multiplier"],
+    _, params = train.build_model(config, num_labels)
+    trainable, _ = models.partition(params, config.model.finetune)
+    mechanism = train._mechanism(config, noise_multiplier=summary["noise_multiplier"],
                                  expected_batch_size=summary["expected_batch_size"])
     s_min = mechanism.worst_case_scale(trainable)
-    ledger = accounting.PrivacyLedger(p["accountant"], reference_noise_multiplier=summary["noise_multiplier"])
+    ledger = accounting.PrivacyLedger(config.privacy.accountant, reference_noise_multiplier=summary["noise_multiplier"])
     for step in range(summary["steps"]):
         scale = mechanism.accounted_scale(step, s_min)
         ledger.record(summary["sampling_rate"], accounting.effective_noise_multiplier(
