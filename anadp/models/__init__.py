@@ -3,9 +3,11 @@
 Public surface::
 
     model, params = from_pretrained(name_or_path, num_labels, lora=None, seed=0,
-                                    pooling="cls", head_init="normal")
+                                    pooling="cls", head_init="normal", dtype="float32")
     model, params = from_config(hf_config, num_labels, lora=None, seed=0,
-                                pooling="cls", head_init="normal")
+                                pooling="cls", head_init="normal", dtype="float32")
+    # dtype: "float32" | "bfloat16" (COMPUTE_DTYPES), what the model computes in;
+    # the parameters are float32 either way
     pooling = resolve_pooling(name_or_path, "cls" | "mean" | "auto")  # "cls" | "mean"
     logits = model.apply({"params": params}, input_ids, attention_mask,
                          token_type_ids=None, deterministic=True)
@@ -44,9 +46,10 @@ from .lora import (
     partition,
     unflatten_params,
 )
-from .modeling import HEAD_INITS, POOLINGS, EncoderClassifier
+from .modeling import COMPUTE_DTYPES, HEAD_INITS, POOLINGS, EncoderClassifier, compute_dtype
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "EncoderClassifier",
     "FINETUNE_MODES",
     "HEAD_INITS",
@@ -60,6 +63,7 @@ __all__ = [
     "check_max_length",
     "checkpoint_pooling",
     "combine",
+    "compute_dtype",
     "convert_checkpoint",
     "count_params",
     "flatten_params",
