@@ -98,6 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
     if t.optimizer not in OPTIMIZERS:
         bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
+    if t.dtype not in models.COMPUTE_DTYPES:
+        bad("train.dtype", t.dtype, f"must be one of {models.COMPUTE_DTYPES}")
     engine = t.clipping_engine
     if engine not in CLIPPING_ENGINES:
         bad("train.clipping_engine", engine, f"must be one of {CLIPPING_ENGINES}")
@@ -552,7 +554,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # model.pooling holds the pooling after "auto" is resolved.
     model, params = models.from_pretrained(
         config.model.name, task.spec.num_labels, lora=lora, seed=t.seed,
-        pooling=config.model.pooling, head_init=config.model.head_init,
+        pooling=config.model.pooling, head_init=config.model.head_init, dtype=t.dtype,
     )
     models.check_max_length(config.data.max_length, model.config)
     trainable, frozen = models.partition(params, config.model.finetune)
