@@ -19,7 +19,7 @@ Public surface::
     merged = merge_lora(params)        # apply with model.clone(lora=None)
     layer, matrix = layer_and_matrix(path)
 """
-from .config import ModelConfig, check_max_length, roberta_base_config, tiny_bert_config
+from .config import ModelConfig, check_max_length, minilm_l6_config, roberta_base_config, tiny_bert_config
 from .loading import (
     POOLING_CHOICES,
     SHORT_NAMES,
@@ -71,6 +71,7 @@ __all__ = [
     "from_pretrained",
     "layer_and_matrix",
     "merge_lora",
+    "minilm_l6_config",
     "minilm_path",
     "partition",
     "read_safetensors",
