@@ -59,10 +59,10 @@ the same numbers. XLA may keep a bfloat16 value in float32 where it sees fit
 (``xla_allow_excess_precision``, on by default): it drops a round trip
 float32 -> bfloat16 -> float32 in one consumer of a record and not in another
 (one that selects rows first), and then the norm sees the unrounded value and
-the sum the rounded one; a probe saw contributions of 1.0007 C. So the records
-and cotangents pass through one `jax.lax.optimization_barrier` (`_pinned`)
-before anything reads them: every consumer then reads the same materialised
-values.
+the sum the rounded one; a probe saw contributions of 1.0007 C. So, when any
+of them is narrower than float32, the records and cotangents pass through one
+`jax.lax.optimization_barrier` (`_pinned`) before anything reads them: every
+consumer then reads the same materialised values.
 
 The loss is the training loop's (`train.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
@@ -114,12 +114,21 @@ def _tokens(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _narrower_than_float32(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+
+
 def _pinned(tree: Any) -> Any:
     """`tree` through one optimisation barrier, so that every reader sees the same
     materialised values (module docstring: excess precision). An array that
     appears several times (the input that the query, key and value projections
-    all record) goes through once and stays one object, for `_Grams`' cache."""
+    all record) goes through once and stays one object, for `_Grams`' cache.
+    Only a tree with arrays narrower than float32 needs it (their float32 round
+    trips are what XLA may drop): a float32 tree is returned as it is, and a
+    float32 model's program is unchanged."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not any(_narrower_than_float32(x) for x in leaves):
+        return tree
     unique = list({id(x): x for x in leaves}.values())
     pinned = dict(zip([id(x) for x in unique], jax.lax.optimization_barrier(unique)))
     return treedef.unflatten([pinned[id(x)] for x in leaves])
