@@ -38,7 +38,10 @@ clip factors, whitened or clipped sums runs at `FULL_FLOAT32`. On GPUs a
 float32 matmul defaults to TF32 (a 10-bit mantissa); then the norm that sets
 a clip factor and the sum that factor scales are rounded differently, and a
 contribution can exceed C (a probe saw 1.000027 C), which the sensitivity
-argument does not allow.
+argument does not allow. For the same reason the clip factors are never cast
+to a gradient's dtype: gradients in bfloat16 (8-bit mantissa) are cast to
+float32 before a factor scales them, and the norms, factors and sums are
+float32 whatever the model computes in.
 """
 
 from __future__ import annotations
@@ -157,10 +160,12 @@ def clipped_sum(
     )
 
     def weighted_sum(g, s):
+        # Float32 operands: a factor rounded to a bfloat16 gradient's dtype could
+        # scale a contribution past C.
         summed = jnp.einsum(
             "b,b...->...",
-            factors.astype(g.dtype),
-            zero_dropped_rows(g, factors),
+            factors,
+            jnp.asarray(zero_dropped_rows(g, factors), jnp.float32),
             precision=FULL_FLOAT32,
             preferred_element_type=jnp.float32,
         )

@@ -46,6 +46,24 @@ Every contraction of steps 2 to 4 runs at full float32 (`_einsum`,
 matrices and the book-kept sum that its clip factor scales are rounded
 differently, and a contribution can exceed C.
 
+Mixed precision: a bfloat16 model (``dtype=jnp.bfloat16``) records bfloat16
+inputs and hands back bfloat16 cotangents. Every record and cotangent is cast
+to float32 (`_f32`) before it enters a norm or a book-keeping contraction,
+and the clip factors are never cast down: a factor rounded to bfloat16 (8-bit
+mantissa) could scale a contribution to C (1 + 2^-9), past the bound. The norms
+and sums are then those of the bfloat16 model's own per-example gradients,
+computed in float32.
+
+The norm of an example and its book-kept contribution must be computed from
+the same numbers. XLA may keep a bfloat16 value in float32 where it sees fit
+(``xla_allow_excess_precision``, on by default): it drops a round trip
+float32 -> bfloat16 -> float32 in one consumer of a record and not in another
+(one that selects rows first), and then the norm sees the unrounded value and
+the sum the rounded one; a probe saw contributions of 1.0007 C. So, when any
+of them is narrower than float32, the records and cotangents pass through one
+`jax.lax.optimization_barrier` (`_pinned`) before anything reads them: every
+consumer then reads the same materialised values.
+
 The loss is the training loop's (`train.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
 hook, or a module applied more than once, is an error, never a silent
@@ -96,6 +114,26 @@ def _tokens(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _narrower_than_float32(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+
+
+def _pinned(tree: Any) -> Any:
+    """`tree` through one optimisation barrier, so that every reader sees the same
+    materialised values (module docstring: excess precision). An array that
+    appears several times (the input that the query, key and value projections
+    all record) goes through once and stays one object, for `_Grams`' cache.
+    Only a tree with arrays narrower than float32 needs it (their float32 round
+    trips are what XLA may drop): a float32 tree is returned as it is, and a
+    float32 model's program is unchanged."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not any(_narrower_than_float32(x) for x in leaves):
+        return tree
+    unique = list({id(x): x for x in leaves}.values())
+    pinned = dict(zip([id(x) for x in unique], jax.lax.optimization_barrier(unique)))
+    return treedef.unflatten([pinned[id(x)] for x in leaves])
+
+
 def _use_gram(tokens: int, m: int, n: int, kernel_norm: str) -> bool:
     if kernel_norm == "auto":
         return tokens * (m + n) < m * n
@@ -113,7 +151,7 @@ class _Grams:
     def __call__(self, a: jax.Array) -> jax.Array:
         hit = self._cache.get(id(a))
         if hit is None or hit[0] is not a:
-            t = _tokens(a)
+            t = _f32(_tokens(a))
             hit = (a, _einsum("btf,bsf->bts", t, t))
             self._cache[id(a)] = hit
         return hit[1]
@@ -127,17 +165,16 @@ def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: st
     n = d_t.shape[-1]
     if _use_gram(tokens, m, n, kernel_norm):
         return jnp.sum(grams(a) * grams(d), axis=(1, 2))
-    per_example = _einsum("btm,btn->bmn", a_t, d_t)
+    per_example = _einsum("btm,btn->bmn", _f32(a_t), _f32(d_t))
     return jnp.sum(jnp.square(per_example), axis=(1, 2))
 
 
 def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
     """``sum_i c_i a_i^T d_i`` (one matmul over examples and tokens); a: [B, ..., m],
-    d: [B, ..., n], c: [B]. Rows with c_i = 0 are dropped from both operands."""
-    a_t = _tokens(_kept(a, c))
-    d_t = _tokens(_kept(d, c))
-    d_t = d_t * c[:, None, None].astype(d_t.dtype)
-    return _einsum("btm,btn->mn", a_t, d_t)
+    d: [B, ..., n], c: [B]. Rows with c_i = 0 are dropped from both operands;
+    both are float32 before c meets them (c is never rounded to their dtype)."""
+    a_t = _f32(_tokens(_kept(a, c)))
+    return _einsum("btm,btn->mn", a_t, _weighted_tokens(d, c))
 
 
 def _kept(x: jax.Array, c: jax.Array) -> jax.Array:
@@ -173,8 +210,9 @@ def _dense_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
     if "lora_a" in leaves:
         sq["lora_a"] = _product_sq_norms(x, dz, grams, kernel_norm)
     if "lora_b" in leaves:
-        # y = ... + (z @ lora_b) * scale: the cotangent of z @ lora_b is scale * d.
-        d_b = d * module_params[LORA_SCALE]
+        # y = ... + (z @ lora_b) * scale: the cotangent of z @ lora_b is scale * d,
+        # with the scale as the model uses it (cast to its compute dtype).
+        d_b = _f32(d) * _f32(jnp.asarray(module_params[LORA_SCALE], d.dtype))
         sq["lora_b"] = _product_sq_norms(z, d_b, grams, kernel_norm)
 
     def finish(c):
@@ -356,6 +394,7 @@ def _one_pass(
 ) -> tuple[list[jax.Array], jax.Array | None]:
     """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
     modules, records, cotangents = _records_and_cotangents(model, params, leaf_paths, batch)
+    records, cotangents = _pinned((records, cotangents))
     grams = _Grams()
     sq_norms: list[jax.Array | None] = [None] * len(leaf_paths)
     finishers: list[tuple[dict[str, int], Callable]] = []

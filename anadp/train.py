@@ -116,6 +116,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
     if t.optimizer not in OPTIMIZERS:
         bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
+    if t.dtype not in models.COMPUTE_DTYPES:
+        bad("train.dtype", t.dtype, f"must be one of {models.COMPUTE_DTYPES}")
     engine = t.clipping_engine
     if engine not in CLIPPING_ENGINES:
         bad("train.clipping_engine", engine, f"must be one of {CLIPPING_ENGINES}")
@@ -316,7 +318,7 @@ def build_model(config, num_labels: int):
     m = config["model"]
     return models.from_pretrained(
         m["name"], num_labels, lora=lora_config(m), seed=config["train"]["seed"],
-        pooling=m["pooling"], head_init=m["head_init"],
+        pooling=m["pooling"], head_init=m["head_init"], dtype=config["train"].get("dtype", "float32"),
     )
 
 

@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     # gradients of large matrices (full fine-tuning at ~1.1x non-private memory);
     # vmap: per-example gradients (needed for dropout). Same clipped sums to ~1e-6.
     config.train.clipping_engine = "ghost"
+    # What the model computes in: float32 | bfloat16 (activations and matrix products
+    # in bfloat16; parameters, optimiser state, LayerNorm statistics, softmax, logits,
+    # and every norm, clip factor, clipped sum and noise stay float32).
+    config.train.dtype = "float32"
     config.train.epochs = 3.0
     config.train.steps = 0  # > 0 overrides epochs
     config.train.optimizer = "adam"  # adam | adamw | sgd

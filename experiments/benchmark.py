@@ -16,6 +16,14 @@ the running sum) and (the update: the same for `apply`, plus the frozen
 parameters). It is comparable across methods in one process and between CPU
 and GPU.
 
+`--dtype=bfloat16` builds the model with `dtype=bfloat16` (config
+`train.dtype`): bfloat16 activations and matrix products, float32 parameters,
+optimiser state and mechanism, exactly as training runs it. Matrix products
+run at the backend's default precision in both dtypes (as in training: on a GPU
+float32 products are TF32), except the mechanism's own, which are always
+HIGHEST. `--model=minilm-l6-random` and `roberta-base-random` are random
+weights of the real shapes (no checkpoint needed).
+
 `--logical_batch_size` > batch_size runs the step as the training loop does
 for a large expected batch: several passes of `batch_size` rows accumulated
 before one noisy update. `--sst2_throughput` also reports SST-2 examples per
@@ -42,25 +50,34 @@ from anadp import models, train  # noqa: E402
 from configs import base  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "minilm-l6", "minilm-l6, roberta-base-random, tiny-bert, or a local HF folder")
+flags.DEFINE_string("model", "minilm-l6",
+                    "minilm-l6, minilm-l6-random, roberta-base-random, tiny-bert, or a local HF folder")
 flags.DEFINE_integer("batch_size", 32, "physical batch (rows per compiled pass)")
 flags.DEFINE_integer("seq_len", 128, "sequence length")
-flags.DEFINE_enum("finetune", "full", ["full", "lora", "bias"], "which parameters train")
+flags.DEFINE_enum("finetune", "full", list(models.FINETUNE_MODES), "which parameters train")
 flags.DEFINE_integer("microbatch_size", 32, "rows per vmap inside a pass")
 flags.DEFINE_enum("engine", "vmap", ["vmap", "ghost"], "DP clipping engine (config train.clipping_engine)")
 flags.DEFINE_integer("logical_batch_size", 0, "> batch_size: accumulate this many rows per update")
 flags.DEFINE_list("methods", ["non_private", "dp_sgd", "anadp"], "methods to time")
 flags.DEFINE_integer("repeats", 9, "timed steps per method (median reported)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter and activation dtype")
+flags.DEFINE_enum("dtype", "float32", list(models.COMPUTE_DTYPES),
+                  "what the model computes in (config train.dtype); parameters stay float32")
 flags.DEFINE_bool("sst2_throughput", False, "also measure SST-2 examples/s with and without length buckets")
 flags.DEFINE_string("out", "bench.json", "JSON output; a Markdown table is written beside it (.md)")
 
 
-def build_model(name: str, finetune: str):
+# Random weights of a real model's shapes: no checkpoint, no download.
+RANDOM_SHAPES = {
+    "minilm-l6-random": models.minilm_l6_config,
+    "roberta-base-random": models.roberta_base_config,
+}
+
+
+def build_model(name: str, finetune: str, dtype: str = "float32"):
     lora = models.LoraConfig() if finetune == "lora" else None
-    if name == "roberta-base-random":
-        return models.from_config(models.roberta_base_config(), 2, lora=lora, seed=0)
-    return models.from_pretrained(name, 2, lora=lora, seed=0)
+    if name in RANDOM_SHAPES:
+        return models.from_config(RANDOM_SHAPES[name](), 2, lora=lora, seed=0, dtype=dtype)
+    return models.from_pretrained(name, 2, lora=lora, seed=0, dtype=dtype)
 
 
 def make_config(method: str, batch_size: int, microbatch_size: int, engine: str = "vmap"):
@@ -210,7 +227,8 @@ def markdown(results: dict, args: dict) -> str:
         f"model `{args['model']}`, finetune `{args['finetune']}`, physical batch {args['batch_size']}, "
         f"logical batch {args['logical']}, microbatch {args['microbatch_size']}, seq_len {args['seq_len']}, "
         f"clipping engine `{args['engine']}`, "
-        f"{args['dtype']}, {results['machine']['backend']} ({results['machine']['devices']})",
+        f"dtype {args['dtype']} (float32 parameters), {results['machine']['backend']} "
+        f"({results['machine']['devices']})",
         "",
         "| method | step time (s) | vs non-private | compile (s) | peak memory (MB) | examples/s |",
         "|---|---|---|---|---|---|",
@@ -233,7 +251,6 @@ def markdown(results: dict, args: dict) -> str:
 
 def main(argv):
     del argv
-    jax.config.update("jax_default_matmul_precision", "highest" if FLAGS.dtype == "float32" else "default")
     args = {
         "model": FLAGS.model,
         "batch_size": FLAGS.batch_size,
@@ -247,9 +264,7 @@ def main(argv):
     }
     if args["logical"] % args["batch_size"]:
         raise app.UsageError("--logical_batch_size must be a multiple of --batch_size")
-    model, params = build_model(FLAGS.model, FLAGS.finetune)
-    if FLAGS.dtype == "bfloat16":
-        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, params)
+    model, params = build_model(FLAGS.model, FLAGS.finetune, FLAGS.dtype)
     rng = np.random.default_rng(0)
     passes = args["logical"] // args["batch_size"]
     batches = [random_batch(rng, args["batch_size"], args["seq_len"], model.config.vocab_size) for _ in range(passes)]

@@ -3,9 +3,11 @@
 Public surface::
 
     model, params = from_pretrained(name_or_path, num_labels, lora=None, seed=0,
-                                    pooling="cls", head_init="normal")
+                                    pooling="cls", head_init="normal", dtype="float32")
     model, params = from_config(hf_config, num_labels, lora=None, seed=0,
-                                pooling="cls", head_init="normal")
+                                pooling="cls", head_init="normal", dtype="float32")
+    # dtype: "float32" | "bfloat16" (COMPUTE_DTYPES), what the model computes in;
+    # the parameters are float32 either way
     pooling = resolve_pooling(name_or_path, "cls" | "mean" | "auto")  # "cls" | "mean"
     logits = model.apply({"params": params}, input_ids, attention_mask,
                          token_type_ids=None, deterministic=True)
@@ -21,6 +23,7 @@ from .config import (
     MEAN_POOLED_BERT_TYPE,
     ModelConfig,
     check_max_length,
+    minilm_l6_config,
     roberta_base_config,
     tiny_bert_config,
 )
@@ -50,9 +53,10 @@ from .lora import (
     partition,
     unflatten_params,
 )
-from .modeling import HEAD_INITS, POOLINGS, EncoderClassifier
+from .modeling import COMPUTE_DTYPES, HEAD_INITS, POOLINGS, EncoderClassifier, compute_dtype
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "EncoderClassifier",
     "FINETUNE_MODES",
     "HEAD_INITS",
@@ -67,6 +71,7 @@ __all__ = [
     "check_max_length",
     "checkpoint_pooling",
     "combine",
+    "compute_dtype",
     "convert_checkpoint",
     "count_params",
     "flatten_params",
@@ -74,6 +79,7 @@ __all__ = [
     "from_pretrained",
     "layer_and_matrix",
     "merge_lora",
+    "minilm_l6_config",
     "minilm_path",
     "partition",
     "read_safetensors",

@@ -197,6 +197,29 @@ def roberta_base_config() -> dict:
     }
 
 
+def minilm_l6_config() -> dict:
+    """The MiniLM-L6-H384 shapes (``minilm-l6``'s config.json) as a HF config dict,
+    for random-weight benchmarks on machines without the checkpoint package."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        "vocab_size": 30522,
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "initializer_range": 0.02,
+        "position_embedding_type": "absolute",
+    }
+
+
 def tiny_bert_config(vocab_size: int = 30522) -> dict:
     """The ``tiny-bert`` shapes: 2 layers, hidden 32, 2 heads, intermediate 64,
     128 positions, MiniLM's (bert-base-uncased) vocabulary."""

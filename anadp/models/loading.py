@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import MEAN_POOLED_BERT_TYPE, ModelConfig, tiny_bert_config
 from .lora import LORA_LEAVES, LORA_SCALE, LoraConfig, flatten_params, unflatten_params
-from .modeling import POOLINGS, EncoderClassifier, output_layer_path
+from .modeling import POOLINGS, EncoderClassifier, compute_dtype, output_layer_path
 
 logger = logging.getLogger(__name__)
 
@@ -400,15 +400,19 @@ def from_config(
     seed: int = 0,
     pooling: str = "cls",
     head_init: str = "normal",
+    dtype: Any = "float32",
 ) -> tuple[EncoderClassifier, dict]:
     """A randomly initialised model from a HF config (dict, ``PretrainedConfig``,
     path to ``config.json``, or ``ModelConfig``), initialised as HF does
     (normal(initializer_range) weights, zero biases, unit LayerNorm scales).
     ``pooling``: ``"cls"``, ``"mean"``, or ``"auto"`` (``"cls"``: random weights);
-    ``head_init``: ``"normal"`` or ``"zeros"`` (see ``modeling``)."""
+    ``head_init``: ``"normal"`` or ``"zeros"`` (see ``modeling``); ``dtype``: what
+    the model computes in, ``"float32"`` or ``"bfloat16"`` (the parameters are
+    float32 either way; see ``modeling``)."""
     _check_num_labels(num_labels)
     cfg = ModelConfig.from_hf(config)
-    model = EncoderClassifier(cfg, int(num_labels), lora, resolve_pooling(None, pooling), head_init)
+    model = EncoderClassifier(cfg, int(num_labels), lora, resolve_pooling(None, pooling), head_init,
+                              compute_dtype(dtype))
     return model, _init(model, seed)
 
 
@@ -420,6 +424,7 @@ def from_pretrained(
     config_overrides: Mapping[str, Any] | None = None,
     pooling: str = "cls",
     head_init: str = "normal",
+    dtype: Any = "float32",
 ) -> tuple[EncoderClassifier, dict]:
     """Load a HF BERT/RoBERTa checkpoint with a ``num_labels`` classification head.
 
@@ -433,13 +438,14 @@ def from_pretrained(
     model's ``pooling`` attribute holds the resolved value. With ``"mean"`` the
     checkpoint's pooler is not used (listed in ``unexpected``). ``head_init``
     (``"normal"`` or ``"zeros"``) applies to a head initialised here, not to
-    one loaded from the checkpoint.
+    one loaded from the checkpoint. ``dtype`` (``"float32"`` or ``"bfloat16"``):
+    what the model computes in; the parameters are loaded as float32 either way.
     """
     _check_num_labels(num_labels)
     name = os.fspath(name_or_path)
     if name == "tiny-bert":
         cfg = dict(tiny_bert_config(), **(config_overrides or {}))
-        model, params = from_config(cfg, num_labels, lora, seed, resolve_pooling(name, pooling), head_init)
+        model, params = from_config(cfg, num_labels, lora, seed, resolve_pooling(name, pooling), head_init, dtype)
         report = LoadReport(source="tiny-bert (random)")
         report.initialized = ["/".join(p) for p in flatten_params(params)]
         return model.clone(load_report=report), params
@@ -455,7 +461,7 @@ def from_pretrained(
     resolved = resolve_pooling(folder, pooling)
     if pooling == "auto":
         logger.info("pooling='auto' resolved to %r for %s", resolved, folder)
-    model = EncoderClassifier(cfg, int(num_labels), lora, resolved, head_init)
+    model = EncoderClassifier(cfg, int(num_labels), lora, resolved, head_init, compute_dtype(dtype))
 
     shapes = _param_shapes(model)
     loaded, report = convert_checkpoint(read_safetensors(folder), cfg, shapes, source=folder)

@@ -25,6 +25,14 @@ sentence-transformers convention), with no pooler parameters at all. RoBERTa
 keeps its own head. ``head_init="zeros"`` starts the final classifier Dense
 at zero (under DP a random head is noise the private steps must undo).
 
+Mixed precision (``dtype``, the Flax convention): the parameters are float32
+whatever the model's ``dtype``; with ``dtype=jnp.bfloat16`` every module casts
+its parameters and input to bfloat16 at use, so activations and matrix
+products are bfloat16, while LayerNorm statistics, attention softmax, mean
+pooling and the logits stay float32 (see each for why). Gradients with
+respect to the float32 parameters are float32 (of bfloat16-rounded values),
+so the optimiser and the clipping see float32 either way.
+
 Nothing here inspects the batch size, so a per-example function that adds a
 batch axis of 1 inside can be ``jax.vmap``-ed over examples.
 
@@ -50,6 +58,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from .config import ModelConfig
 from .lora import LORA_SCALE, LoraConfig
@@ -67,6 +76,24 @@ EMBED_IDS, EMBED_OUT = "embed_ids", "embed_out"
 POOLINGS = ("cls", "mean")
 # How the final classifier Dense starts: N(0, initializer_range), or zeros.
 HEAD_INITS = ("normal", "zeros")
+# What a model may compute in (``EncoderClassifier.dtype``); parameters stay float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The computation dtype for a name (``"float32"``, ``"bfloat16"``) or a dtype;
+    ValueError for any other."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {COMPUTE_DTYPES}")
+    return resolved
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -102,12 +129,15 @@ class Dense(nn.Module):
     features: int
     init_std: float = 0.02
     lora: LoraConfig | None = None
+    dtype: Any = jnp.float32  # computation; the parameters are float32, cast at use
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         in_features = x.shape[-1]
         kernel = self.param("kernel", _normal(self.init_std), (in_features, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        # The input as the product uses it: that is what the ghost engine must record.
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         self.sow(RECORD, DENSE_IN, x)
         y = jnp.dot(x, kernel) + bias
         if self.lora is not None:
@@ -117,6 +147,7 @@ class Dense(nn.Module):
             scale = self.param(
                 LORA_SCALE, lambda _: jnp.asarray(self.lora.scale, jnp.float32)
             )
+            a, b, scale = promote_dtype(a, b, scale, dtype=self.dtype)
             h = x
             if self.lora.dropout > 0.0:
                 h = nn.Dropout(self.lora.dropout, name="lora_dropout")(
@@ -133,9 +164,15 @@ class LayerNorm(nn.Module):
     """``nn.LayerNorm(use_fast_variance=False)`` over the last axis, with the same
     parameters (``scale``, ``bias``) and the same floating-point operations,
     plus the ghost-clipping hooks (the normalised input is only computed when
-    it is recorded)."""
+    it is recorded).
+
+    Statistics, normalisation and the affine map are float32 whatever ``dtype``
+    (only the output is cast to it): a variance over hundreds of features summed
+    in bfloat16 (8-bit mantissa) loses most of its digits, and the residual
+    stream it normalises is where bfloat16 rounding accumulates."""
 
     epsilon: float = 1e-6
+    dtype: Any = jnp.float32  # of the output; parameters float32
 
     @nn.compact
     def __call__(self, x):
@@ -153,26 +190,39 @@ class LayerNorm(nn.Module):
         if self.is_mutable_collection(RECORD):
             self.sow(RECORD, NORM_XHAT, centred * inv)
         y = centred * (inv * scale) + bias
-        y = jnp.asarray(y, jnp.result_type(x, scale, bias))
+        y = jnp.asarray(y, self.dtype)
         return self.perturb(NORM_OUT, y, collection=PERTURB)
 
 
 class Embed(nn.Embed):
-    """``nn.Embed`` (same parameter, same lookup) plus the ghost-clipping hooks."""
+    """``nn.Embed`` (same parameter, same lookup) plus the ghost-clipping hooks.
+
+    The rows are looked up in the table's own float32 and then cast to ``dtype``
+    (``nn.Embed`` casts the whole table first): the gradient then scatter-adds
+    the tokens' cotangents into the table in float32, where bfloat16 would
+    accumulate hundreds of tokens into one row (the token types) with an 8-bit
+    mantissa; and no bfloat16 copy of a large vocabulary is made each step."""
 
     def __call__(self, inputs):
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
         self.sow(RECORD, EMBED_IDS, inputs)
-        return self.perturb(EMBED_OUT, super().__call__(inputs), collection=PERTURB)
+        if self.num_embeddings == 1:  # as nn.Embed: its single row, whatever the ids
+            rows = jnp.broadcast_to(self.embedding, inputs.shape + (self.features,))
+        else:
+            rows = jnp.take(self.embedding, inputs, axis=0)
+        return self.perturb(EMBED_OUT, jnp.asarray(rows, self.dtype), collection=PERTURB)
 
 
-def _layer_norm(config: ModelConfig, name: str) -> LayerNorm:
+def _layer_norm(config: ModelConfig, name: str, dtype: Any) -> LayerNorm:
     # Two-pass variance, as PyTorch computes it (the fast E[x^2]-E[x]^2 form
     # costs ~1e-5 of agreement with the reference).
-    return LayerNorm(epsilon=config.layer_norm_eps, name=name)
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
 
 
 class Embeddings(nn.Module):
     config: ModelConfig
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic: bool = True):
@@ -187,14 +237,14 @@ class Embeddings(nn.Module):
             position_ids = jnp.broadcast_to(
                 jnp.arange(input_ids.shape[-1], dtype=jnp.int32), input_ids.shape
             )
-        words = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+        words = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, dtype=self.dtype,
                       name="word_embeddings")(input_ids)
-        positions = Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                          embedding_init=init, name="position_embeddings")(position_ids)
-        types = Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+        positions = Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                          dtype=self.dtype, name="position_embeddings")(position_ids)
+        types = Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, dtype=self.dtype,
                       name="token_type_embeddings")(token_type_ids)
         x = words + types + positions
-        x = _layer_norm(cfg, "norm")(x)
+        x = _layer_norm(cfg, "norm", self.dtype)(x)
         return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -205,6 +255,7 @@ def _lora_for(lora: LoraConfig | None, module_path: str) -> LoraConfig | None:
 class Attention(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
@@ -214,51 +265,58 @@ class Attention(nn.Module):
 
         def proj(name):
             dense = Dense(cfg.hidden_size, std, _lora_for(self.lora, f"attention.{name}"),
-                          name=name)
+                          dtype=self.dtype, name=name)
             y = dense(x, deterministic)
             return y.reshape(y.shape[:-1] + (heads, head_dim))
 
         q, k, v = proj("query"), proj("key"), proj("value")
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(head_dim)
+        # Scores and softmax in float32 whatever the dtype: bfloat16 would round
+        # the logits by up to 0.4% before exp amplifies the error, and sum a
+        # row of up to T probabilities with an 8-bit mantissa.
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(head_dim)
         # mask: [..., T] with 1 for real tokens -> broadcast over heads and queries.
         keep = (mask > 0)[..., None, None, :]
         scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        ctx = jnp.einsum("...hqk,...khd->...qhd", jnp.asarray(probs, self.dtype), v)
         ctx = ctx.reshape(ctx.shape[:-2] + (cfg.hidden_size,))
         out = Dense(cfg.hidden_size, std, _lora_for(self.lora, "attention.output"),
-                    name="output")(ctx, deterministic)
+                    dtype=self.dtype, name="output")(ctx, deterministic)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
-        return _layer_norm(cfg, "norm")(out + x)
+        return _layer_norm(cfg, "norm", self.dtype)(out + x)
 
 
 class TransformerLayer(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
         cfg = self.config
         std = cfg.initializer_range
-        h = Attention(cfg, self.lora, name="attention")(x, mask, deterministic)
+        h = Attention(cfg, self.lora, self.dtype, name="attention")(x, mask, deterministic)
         inter = Dense(cfg.intermediate_size, std, _lora_for(self.lora, "intermediate"),
-                      name="intermediate")(h, deterministic)
+                      dtype=self.dtype, name="intermediate")(h, deterministic)
         inter = activation(cfg.hidden_act)(inter)
         out = Dense(cfg.hidden_size, std, _lora_for(self.lora, "output"),
-                    name="output")(inter, deterministic)
+                    dtype=self.dtype, name="output")(inter, deterministic)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
-        return _layer_norm(cfg, "norm")(out + h)
+        return _layer_norm(cfg, "norm", self.dtype)(out + h)
 
 
 class Encoder(nn.Module):
     config: ModelConfig
     lora: LoraConfig | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool = True):
         for i in range(self.config.num_hidden_layers):
-            x = TransformerLayer(self.config, self.lora, name=f"layer_{i}")(x, mask, deterministic)
+            layer = TransformerLayer(self.config, self.lora, self.dtype, name=f"layer_{i}")
+            x = layer(x, mask, deterministic)
         return x
 
 
@@ -267,11 +325,15 @@ def masked_mean(hidden, attention_mask):
 
     As sentence-transformers' mean pooling computes it: padding positions are
     multiplied by 0 and the count is clamped at 1e-9 (an all-padding row gives 0).
-    Parameter-free, so the ghost engine needs no hook for it.
+    Parameter-free, so the ghost engine needs no hook for it. Summed in float32
+    (a sum of up to T bfloat16 terms would keep 8 bits of mantissa), returned in
+    ``hidden``'s dtype.
     """
-    mask = jnp.asarray(attention_mask, hidden.dtype)[..., None]
+    wide = jnp.promote_types(hidden.dtype, jnp.float32)
+    mask = jnp.asarray(attention_mask, wide)[..., None]
     count = jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)
-    return jnp.sum(hidden * mask, axis=-2) / count
+    mean = jnp.sum(jnp.asarray(hidden, wide) * mask, axis=-2) / count
+    return jnp.asarray(mean, hidden.dtype)
 
 
 def output_layer_path(model_type: str) -> tuple[str, ...]:
@@ -300,15 +362,16 @@ class RobertaHead(nn.Module):
     config: ModelConfig
     num_labels: int
     out_init_std: float = 0.02
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, hidden, deterministic: bool = True):
         cfg = self.config
         drop = nn.Dropout(cfg.head_dropout)
         x = drop(hidden[..., 0, :], deterministic=deterministic)
-        x = jnp.tanh(Dense(cfg.hidden_size, cfg.initializer_range, name="dense")(x))
+        x = jnp.tanh(Dense(cfg.hidden_size, cfg.initializer_range, dtype=self.dtype, name="dense")(x))
         x = drop(x, deterministic=deterministic)
-        return Dense(self.num_labels, self.out_init_std, name="out_proj")(x)
+        return Dense(self.num_labels, self.out_init_std, dtype=self.dtype, name="out_proj")(x)
 
 
 class EncoderClassifier(nn.Module):
@@ -322,6 +385,8 @@ class EncoderClassifier(nn.Module):
 
     ``pooling`` (BERT only) and ``head_init``: see the module docstring; a
     ``pooling="mean"`` model has no ``pooler`` parameters.
+    ``dtype``: what the model computes in (``COMPUTE_DTYPES``; see the module
+    docstring); the parameters are float32 and the logits float32 either way.
     ``load_report`` is set by ``from_pretrained`` (missing/unexpected keys).
     """
 
@@ -330,24 +395,27 @@ class EncoderClassifier(nn.Module):
     lora: LoraConfig | None = None
     pooling: str = "cls"
     head_init: str = "normal"
+    dtype: Any = jnp.float32
     load_report: Any = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         _check_head_options(self.config, self.pooling, self.head_init)
+        compute_dtype(self.dtype)
         super().__post_init__()
 
     def setup(self):
         cfg = self.config
-        self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg, self.lora)
+        dtype = self.dtype
+        self.embeddings = Embeddings(cfg, dtype)
+        self.encoder = Encoder(cfg, self.lora, dtype)
         out_std = _head_init_std(cfg, self.head_init)
         if cfg.model_type == "bert":
             if self.pooling == "cls":
-                self.pooler = Dense(cfg.hidden_size, cfg.initializer_range)
+                self.pooler = Dense(cfg.hidden_size, cfg.initializer_range, dtype=dtype)
             self.head_dropout = nn.Dropout(cfg.head_dropout)
-            self.classifier = Dense(self.num_labels, out_std)
+            self.classifier = Dense(self.num_labels, out_std, dtype=dtype)
         else:
-            self.classifier = RobertaHead(cfg, self.num_labels, out_std)
+            self.classifier = RobertaHead(cfg, self.num_labels, out_std, dtype)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         input_ids = jnp.asarray(input_ids)
@@ -367,13 +435,15 @@ class EncoderClassifier(nn.Module):
         return jnp.tanh(self.pooler(hidden[..., 0, :]))
 
     def head(self, hidden, attention_mask, deterministic: bool = True):
-        """Logits from last hidden states ``[..., T, hidden]`` and the attention
-        mask ``[..., T]`` (the task head alone)."""
+        """Float32 logits from last hidden states ``[..., T, hidden]`` and the
+        attention mask ``[..., T]`` (the task head alone). Float32 whatever the
+        dtype: the cross-entropy's log-sum-exp and the metrics read them, and
+        bfloat16 logits would round the loss (and its gradient) by up to 0.4%."""
         if self.config.model_type == "bert":
             pooled = self.pool(hidden, attention_mask)
             pooled = self.head_dropout(pooled, deterministic=deterministic)
-            return self.classifier(pooled)
-        return self.classifier(hidden, deterministic)
+            return _f32(self.classifier(pooled))
+        return _f32(self.classifier(hidden, deterministic))
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
         h = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
