@@ -224,6 +224,12 @@ GRIDS: dict[str, Grid] = {
         + _recipe(RT, [{"model.pooling": "mean", **change} for change in RECIPE_STEP2]),
         (0,),
     ),
+    "sst2_recipe": Grid(
+        "SST-2 (1 epoch), epsilon 3, seed 0: DP-SGD and non-private with mean pooling, against sst2_main's cls runs",
+        _recipe(SST2, [{"model.pooling": "mean"}])
+        + _recipe(SST2, [{"model.pooling": "mean", "train.learning_rate": 2e-3}], method="non_private"),
+        (0,),
+    ),
     "rt_profile": Grid(
         "Rotten Tomatoes, LoRA, epsilon 3: ANADP with the private_profile importance, gamma x rho "
         "(+ DP-SGD baseline)",
