@@ -34,7 +34,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from anadp import inference, models, train
+from anadp import checkpoint, inference, models
 from anadp.models.loading import hf_key
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_code", "modeling_anadp.py")
@@ -256,7 +256,7 @@ def export_run(workdir: str, out: str, allow_unfinished: bool = False) -> list[s
         raise ValueError(f"{workdir!r} has no summary.json: the run has not finished, so it has no final "
                          "epsilon to state; pass --allow_unfinished to export its latest checkpoint anyway")
     _check_output_folder(out)
-    step = train.latest_checkpoint_step(workdir)
+    step = checkpoint.latest_checkpoint_step(workdir)
     model, params, tokenizer, labels = inference.load_run(workdir, merge=True, step=step)
 
     parent = os.path.dirname(os.path.abspath(out))

@@ -20,9 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from anadp import models, train
-
-LABELS_FILE = "labels.json"
+from anadp import checkpoint, models, train
+from anadp.workdir import LABELS_FILE
 
 
 class LoadedRun(NamedTuple):
@@ -92,7 +91,7 @@ def load_run(workdir: str | os.PathLike, merge: bool = True, step: int | None = 
     labels = run_labels(workdir, config)
     model, initial = train.build_model(config, len(labels))
     initial_trainable, frozen = models.partition(initial, config["model"]["finetune"])
-    _, trainable = train.load_trainable(workdir, initial_trainable, step)
+    _, trainable = checkpoint.load_trainable(workdir, initial_trainable, step)
     params = models.combine(jax.tree_util.tree_map(np.asarray, trainable), frozen)
     if merge and model.lora is not None:
         params, model = models.merge_lora(params), model.clone(lora=None)

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -39,10 +38,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from anadp import accounting, ghost, importance, models, randomness, sampling, sharding
+from anadp import accounting, checkpoint, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
 from anadp.clipping import CLIP_FNS, CLIPPING_MODES, ClippedSum, clipped_grad_sum
+from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
+from anadp.workdir import (
+    FreshPaths,
+    RunLog,
+    TensorBoardLog,
+    check_same_labels,
+    prepare_workdir,
+    write_config,
+    write_summary,
+)
 
 METHODS = ("non_private", "dp_sgd", "anadp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -158,118 +167,6 @@ def _validate_data(d: ml_collections.ConfigDict, bad: Callable) -> None:
         bad("data.text_pair_column", d.text_pair_column, "must differ from data.text_column (or be empty)")
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Creates the workdir, checks it is writable, and refuses one that holds another config."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per host
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"workdir={workdir!r} is not writable: {e}") from None
-    path = os.path.join(workdir, "config.json")
-    resolved = json.loads(config.to_json())
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != resolved:
-            diffs = _config_differences(previous, resolved)
-            raise ValueError(
-                f"workdir={workdir!r} holds a run with a different config ({'; '.join(diffs[:5])}); "
-                "use a new workdir, or the same config to resume"
-            )
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict, label_names: tuple[str, ...]) -> None:
-    """config.json and labels.json (the class names, index = class id), written
-    once the run has set up (a failed start leaves neither behind)."""
-    if not sharding.is_main_process():
-        return
-    for name, content in (("config.json", json.loads(config.to_json())), (LABELS_FILE, list(label_names))):
-        path = os.path.join(workdir, name)
-        if not os.path.exists(path):
-            _write_json(path, content)
-
-
-LABELS_FILE = "labels.json"
-
-
-def check_same_labels(workdir: str, label_names: tuple[str, ...]) -> None:
-    """Refuses to resume a run whose data now has other classes (an edited train file)."""
-    path = os.path.join(workdir, LABELS_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    if previous != list(label_names):
-        raise ValueError(
-            f"workdir={workdir!r} holds a run trained on the classes {previous}; the data now has "
-            f"{list(label_names)}: use a new workdir"
-        )
-
-
-class FreshPaths:
-    """What a run adds to its workdir, so that a run failing before its first
-    step can take exactly that away again: the corrected command then starts as
-    on a clean workdir instead of being refused as "a different config".
-
-    Nothing is released before the first step, so nothing is lost: the step-0
-    checkpoint holds the initial state and the secrets, which the next run draws
-    afresh. Only process 0 removes (it alone writes the workdir's files)."""
-
-    OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints", "tensorboard")
-
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-        self.new_folders = []  # the workdir and the parents it will need, deepest first
-        path = self.workdir
-        while not os.path.lexists(path) and os.path.dirname(path) != path:
-            self.new_folders.append(path)
-            path = os.path.dirname(path)
-        self.new_outputs = [n for n in self.OUTPUTS if not os.path.lexists(os.path.join(self.workdir, n))]
-        self.kept = False
-
-    def keep(self) -> None:
-        """From now on the workdir holds a run worth resuming."""
-        self.kept = True
-
-    def remove(self) -> None:
-        if self.kept or not sharding.is_main_process():
-            return
-        for name in self.new_outputs:
-            path = os.path.join(self.workdir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
-        for folder in self.new_folders:
-            try:
-                os.rmdir(folder)
-            except FileNotFoundError:
-                continue
-            except OSError:  # not empty: something else was put there
-                break
-
-
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return diffs
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 # --- building blocks -----------------------------------------------------------
 
 
@@ -342,29 +239,6 @@ def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformati
     if train_config.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=train_config.weight_decay)
     return optax.sgd(schedule)
-
-
-def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...], max_length: int) -> int:
-    """The smallest bucket that holds the longest sequence (max_length if none does)."""
-    longest = int(np.max(lengths)) if len(lengths) else 1
-    for b in buckets:
-        if longest <= b <= max_length:
-            return b
-    return max_length
-
-
-def parse_buckets(spec: str) -> tuple[int, ...]:
-    return tuple(sorted(int(x) for x in spec.split(",") if x.strip()))
-
-
-def take_batch(arrays: dict, indices: np.ndarray, length: int) -> dict:
-    """Rows `indices` of the tokenised arrays, cut to `length` tokens (right padding)."""
-    return {
-        "input_ids": arrays["input_ids"][indices, :length],
-        "attention_mask": arrays["attention_mask"][indices, :length],
-        "token_type_ids": arrays["token_type_ids"][indices, :length],
-        "labels": arrays["labels"][indices].astype(np.int32),
-    }
 
 
 class TrainState(NamedTuple):
@@ -490,246 +364,6 @@ def evaluate(fns: StepFunctions, trainable, frozen, split: dict, spec, batch_siz
     metrics = dict(spec.compute_metrics(np.argmax(logits, axis=1), labels))
     metrics["loss"] = float(-np.mean(log_probs[np.arange(n), labels]))
     return metrics
-
-
-# --- checkpoints, metrics -------------------------------------------------------
-
-
-class RunLog:
-    """metrics.jsonl, rewritten on resume so that it never holds steps past the checkpoint."""
-
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
-        self.records: list[dict] = []
-        if os.path.exists(path):
-            with open(path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
-            self.records = [r for r in self.records if r["step"] <= resume_step]
-        if sharding.is_main_process():
-            with open(path, "w") as f:
-                for r in self.records:
-                    f.write(json.dumps(r) + "\n")
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if sharding.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def tensorboard_scalars(record: dict, include_nonprivate: bool = False) -> dict[str, float]:
-    """The scalars of a metrics.jsonl record under TensorBoard tags: ``<split>/<metric>``
-    for the dev metrics, the record's own key for epsilon and the other top-level
-    numbers. Keys marked ``nonprivate/`` only with ``include_nonprivate``; the
-    per-group dicts (noise scales, importance) stay in metrics.jsonl and the figures."""
-    scalars = {}
-    for split, metrics in record.get("eval", {}).items():
-        for name, value in metrics.items():
-            scalars[f"{split}/{name}"] = float(value)
-    for key, value in record.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if key.startswith("nonprivate/") and not include_nonprivate:
-            continue
-        scalars[key] = float(value)
-    return scalars
-
-
-class TensorBoardLog:
-    """``tensorboard/``: event files with the scalars of metrics.jsonl (tensorboardX,
-    no TensorFlow). The writer is opened at the first record, so a run that logs
-    nothing leaves no folder; a resumed run tells TensorBoard to drop what an
-    interrupted run logged after its checkpoint (``purge_step``), as metrics.jsonl
-    is cut back."""
-
-    def __init__(self, folder: str, resume_step: int, include_nonprivate: bool):
-        self.folder, self.resume_step, self.include_nonprivate = folder, resume_step, include_nonprivate
-        self.writer = None
-
-    def write(self, record: dict) -> None:
-        if not sharding.is_main_process():
-            return
-        if self.writer is None:
-            from tensorboardX import SummaryWriter
-
-            purge_step = self.resume_step + 1 if self.resume_step > 0 else None
-            self.writer = SummaryWriter(self.folder, purge_step=purge_step)
-        for tag, value in tensorboard_scalars(record, self.include_nonprivate).items():
-            self.writer.add_scalar(tag, value, global_step=record["step"])
-        self.writer.flush()  # a killed run keeps every record it logged
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _checkpoint_manager(workdir: str, create: bool = True):
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not create and not os.path.isdir(directory):
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")  # reading must not create the folder
-    if sharding.is_main_process() and create:
-        # Checkpoints hold the run's secret randomness (and, like the data, they
-        # are not for publication): owner-only.
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def _json_ready(d: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
-
-
-def save_checkpoint(manager, step: int, state: TrainState, ledger: accounting.PrivacyLedger, run: dict) -> None:
-    """Saves the train state, the privacy ledger and `run` (the secrets and the accounting terms)."""
-    import orbax.checkpoint as ocp
-
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state._asdict()),
-            ledger=ocp.args.JsonSave(_json_ready(ledger.state_dict())),
-            run=ocp.args.JsonSave(run),
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
-
-
-def _ledger_from(state: dict) -> accounting.PrivacyLedger:
-    state = dict(state)
-    if state.get("reference_noise_multiplier") is None:
-        state["reference_noise_multiplier"] = float("nan")
-    return accounting.PrivacyLedger.from_state_dict(state)
-
-
-def restore_checkpoint(manager, template: TrainState):
-    """(step, state, ledger, run) of the latest checkpoint, or None when there is none."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
-            ),
-        )
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} cannot be resumed by this version "
-            f"(it lacks the run's secrets or accounting terms: {e}); use a new workdir"
-        ) from None
-    return step, TrainState(**restored["state"]), _ledger_from(restored["ledger"]), dict(restored["run"])
-
-
-def load_checkpoint(workdir: str, step: int | None = None) -> dict:
-    """A run's checkpoint as saved ({"state", "ledger", "run"}), latest by default."""
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(workdir, create=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")
-    return manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
-        ),
-    )
-
-
-def _read_only_manager(workdir: str):
-    """A checkpoint manager that reads a workdir and never creates or deletes anything in it."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise ValueError(f"workdir={workdir!r} has no checkpoints/ folder")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def latest_checkpoint_step(workdir: str) -> int | None:
-    """The step of a run's latest checkpoint (None when it has none)."""
-    return _read_only_manager(workdir).latest_step()
-
-
-def load_trainable(workdir: str, template: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a run's checkpoint (latest by default), read alone.
-
-    `template`: the trainable params' tree (arrays or ShapeDtypeStructs), as
-    `models.partition` gives it for the run's config. Only `state/trainable` is
-    read (an orbax partial restore): the optimiser state, the mechanism's state
-    (its noise key) and the run record (the secrets, the ledger) stay on disk, so
-    no caller can pass them on by accident. The manager is read-only: loading a
-    run neither creates nor changes anything in its workdir.
-    """
-    import orbax.checkpoint as ocp
-
-    manager = _read_only_manager(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")
-    directory = manager.directory
-    wanted = {"trainable": jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ValueError(
-            f"the checkpoint at step {step} in {directory} does not hold the trainable parameters this "
-            f"config implies ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    trainable = restored["state"]["trainable"]
-    got_leaves = models.flatten_params(trainable)
-    for path, want in models.flatten_params(wanted["trainable"]).items():
-        got = got_leaves.get(path)
-        if got is None or tuple(np.shape(got)) != tuple(want.shape):
-            raise ValueError(
-                f"the checkpoint at step {step} in {directory} has {'/'.join(path)} of shape "
-                f"{None if got is None else tuple(np.shape(got))}, the config implies {tuple(want.shape)}"
-            )
-    return step, trainable
-
-
-def accounting_terms(config, noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
-                     worst_case_scale: float, ledger: accounting.PrivacyLedger) -> dict:
-    """Everything that decides how a step is accounted, as a resume must find it unchanged."""
-    from importlib import metadata
-
-    return {
-        "noise_multiplier": float(noise_multiplier),
-        "sampling_rate": float(sampling_rate),
-        "clipping": mechanism.clipping,
-        "profile_noise_multiplier": mechanism.profile_noise_multiplier,
-        "worst_case_scale": float(worst_case_scale),
-        "warmup_steps": int(mechanism.warmup_steps),
-        "accountant": ledger.accountant,
-        "ledger_grid": ledger.grid,
-        "pld_discretization": ledger.pld_discretization,
-        "dp_accounting_version": metadata.version("dp-accounting"),
-    }
-
-
-def check_same_accounting(saved: dict, live: dict, workdir: str) -> None:
-    """Refuses to resume a run whose steps would now be accounted differently."""
-    changed = [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {live.get(k)!r} now"
-        for k in sorted(set(saved) | set(live))
-        if saved.get(k) != live.get(k)
-    ]
-    if changed:
-        raise ValueError(
-            f"workdir={workdir!r} was accounted differently ({'; '.join(changed)}); resuming would mix two "
-            "accountings in one epsilon: use a new workdir (or the versions the run started with)"
-        )
 
 
 def _versions() -> dict:
@@ -861,24 +495,24 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
     literal = mechanism is not None and mechanism.adaptive and mechanism.clipping == "global"
     realised_ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if literal else None
     terms = (
-        accounting_terms(config, noise_multiplier, mechanism, sampling_rate, worst_case_scale, ledger)
+        checkpoint.accounting_terms(config, noise_multiplier, mechanism, sampling_rate, worst_case_scale, ledger)
         if private else {}
     )
 
     optimizer = make_optimizer(t, total_steps)
-    manager = _checkpoint_manager(workdir)
+    manager = checkpoint.open_manager(workdir)
     template = TrainState(
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
     )
-    restored = restore_checkpoint(manager, template)
+    restored = checkpoint.restore_checkpoint(manager, template)
     if restored is not None:
         start_step, state, ledger, run_record = restored
-        check_same_accounting(run_record["accounting"], terms, workdir)
+        checkpoint.check_same_accounting(run_record["accounting"], terms, workdir)
         secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
         if realised_ledger is not None:
-            realised_ledger = _ledger_from(run_record["realised_ledger"])
+            realised_ledger = checkpoint.ledger_from_state(run_record["realised_ledger"])
         print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
     else:
         start_step = 0
@@ -888,19 +522,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         print(randomness.SEEDED_WARNING, file=sys.stderr)
     sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, secrets.sampler_seed)
 
-    def checkpoint(step: int) -> None:
+    def save(step: int) -> None:
         run_record = {
             "secrets": secrets.state_dict(),
             "accounting": terms,
-            "realised_ledger": _json_ready(realised_ledger.state_dict()) if realised_ledger else None,
+            "realised_ledger": checkpoint.json_ready(realised_ledger.state_dict()) if realised_ledger else None,
         }
-        save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
+        checkpoint.save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
 
     write_config(workdir, config, task.spec.label_names)
     if restored is None:
         # The secrets are saved before anything is released, so a crash at any
         # point resumes with the same randomness (and replays the same releases).
-        checkpoint(0)
+        save(0)
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
@@ -977,7 +611,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         progress.update(done, last_eval, epsilon_now, main_metric)
         # Whatever was logged is covered by a checkpoint's ledger and secrets.
         if evaluating or done % t.checkpoint_every == 0:
-            checkpoint(done)
+            save(done)
         fresh.keep()
     fresh.keep()
     progress.close()
@@ -1018,11 +652,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         summary["dp_sgd_epsilon_same_sigma"] = accounting.compute_epsilon(
             noise_multiplier, sampling_rate, total_steps, delta, accountant=p.accountant
         )
-    if sharding.is_main_process():
-        _write_json(os.path.join(workdir, "summary.json"), summary)
-        from anadp import plots
-
-        plots.plot_run(workdir, log.records, summary)
+    write_summary(workdir, summary, log.records)
     return summary
 
 

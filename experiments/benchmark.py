@@ -47,6 +47,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anadp import models, train  # noqa: E402
+from anadp.data.batching import bucket_length, parse_buckets, take_batch  # noqa: E402
 from configs import base  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -201,22 +202,22 @@ def sst2_throughput(model, params, args) -> dict:
 
     task = data_lib.load_task("sst2", models.tokenizer(FLAGS.model), args["seq_len"])
     rng = np.random.default_rng(0)
-    buckets = train.parse_buckets(base.get_config().data.bucket_lengths)
+    buckets = parse_buckets(base.get_config().data.bucket_lengths)
     out = {}
     for label, use_buckets in (("bucketed", True), ("fixed_length", False)):
         fns, state, frozen, _, mask = build_step("dp_sgd", model, params, args, float(args["batch_size"]))
         # warm every bucket so compilation is not timed
         draws = [rng.choice(len(task.train["labels"]), args["batch_size"], replace=False) for _ in range(12)]
         lengths = [
-            train.bucket_length(task.train["lengths"][d], buckets, args["seq_len"]) if use_buckets else args["seq_len"]
+            bucket_length(task.train["lengths"][d], buckets, args["seq_len"]) if use_buckets else args["seq_len"]
             for d in draws
         ]
         for length in sorted(set(lengths)):
-            batch = train.take_batch(task.train, draws[0], length)
+            batch = take_batch(task.train, draws[0], length)
             block(fns.accumulate(state.trainable, frozen, None, batch, mask))
         t0 = time.perf_counter()
         for d, length in zip(draws, lengths):
-            block(fns.accumulate(state.trainable, frozen, None, train.take_batch(task.train, d, length), mask))
+            block(fns.accumulate(state.trainable, frozen, None, take_batch(task.train, d, length), mask))
         elapsed = time.perf_counter() - t0
         out[label] = {"examples_per_s": len(draws) * args["batch_size"] / elapsed, "lengths": sorted(set(lengths))}
     return out

@@ -271,9 +271,9 @@ def test_export_reloads_with_our_loader_to_the_same_logits(trained, exported, ki
 
 def _secret_forms(workdir):
     """Text and byte forms in which the run's noise keys or sampler seed could appear in a file."""
-    from anadp import train
+    from anadp.checkpoint import load_checkpoint
 
-    checkpoint = train.load_checkpoint(str(workdir))
+    checkpoint = load_checkpoint(str(workdir))
     secrets = checkpoint["run"]["secrets"]
     keys = [[int(x) for x in secrets["noise_key"]]]
     mechanism = checkpoint["state"]["mechanism"]

@@ -25,7 +25,7 @@ import optax
 import pytest
 
 import anadp.models as M
-from anadp import clipping, ghost, train
+from anadp import checkpoint, clipping, ghost, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -327,7 +327,7 @@ def test_bfloat16_training_runs_end_to_end(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["config"]["train"]["dtype"] == "bfloat16" and summary["steps"] == 2
     assert np.isfinite(summary["eval"]["loss"]) and 0.0 <= summary["eval"]["accuracy"] <= 1.0
-    state = train.load_checkpoint(str(workdir))["state"]
+    state = checkpoint.load_checkpoint(str(workdir))["state"]
     floats = [x for x in jax.tree_util.tree_leaves(state["trainable"]) if np.issubdtype(np.asarray(x).dtype,
                                                                                          np.floating)]
     assert floats and all(np.asarray(x).dtype == np.float32 for x in floats)

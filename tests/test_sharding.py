@@ -24,6 +24,7 @@ WORKER = textwrap.dedent(
     import sys, types
     import jax, jax.numpy as jnp, ml_collections, numpy as np
     from anadp import models, sampling, sharding, train
+    from anadp.data.batching import take_batch
     from anadp.noise import Mechanism
 
     out_path = sys.argv[1]
@@ -88,7 +89,7 @@ WORKER = textwrap.dedent(
             for p, batch_rows in enumerate(sampler.batches(step)):
                 keys = np.asarray(jax.random.split(jax.random.PRNGKey(100 * step + p), physical))
                 def load(ids, idx=batch_rows.indices, keys=keys):
-                    b = train.take_batch(data, idx[ids], length)
+                    b = take_batch(data, idx[ids], length)
                     if dropout:
                         b["dropout_key"] = keys[ids]
                     return b
@@ -267,7 +268,7 @@ def test_two_processes_match_one_process(launched, tmp_path):
 
     import jax
 
-    from anadp import train
+    from anadp import checkpoint
 
     reference, cache, *_ = launched
     with socket.socket() as sock:
@@ -281,8 +282,8 @@ def test_two_processes_match_one_process(launched, tmp_path):
         assert p.returncode == 0, out[-3000:] + err[-5000:]
     assert "in 2 process(es)" in outputs[0][1] and "dev accuracy" in outputs[0][0]
     assert "dev accuracy" not in outputs[1][0]  # only process 0 reports
-    a = train.load_checkpoint(str(reference))["state"]
-    b = train.load_checkpoint(str(workdir))["state"]
+    a = checkpoint.load_checkpoint(str(reference))["state"]
+    b = checkpoint.load_checkpoint(str(workdir))["state"]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     sa = json.loads((reference / "summary.json").read_text())
