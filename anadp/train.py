@@ -394,6 +394,155 @@ def _scales_record(mechanism: Mechanism, state: TrainState, trainable_template) 
     }
 
 
+# --- one step ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """What a step reads besides the train state: the compiled functions, the
+    frozen parameters (on the devices), the sampler and the training arrays."""
+
+    fns: StepFunctions
+    mechanism: Mechanism | None
+    frozen: Any
+    sampler: sampling.PoissonSampler
+    data: dict  # the training split's arrays, "lengths" included
+    buckets: tuple[int, ...]
+    max_length: int
+    device_rows: int  # rows per pass on the devices: sharding.padded_batch_size
+    dropout_base: Any = None  # a PRNG key, for per-example dropout keys; None: no dropout
+
+
+def device_passes(inputs: StepInputs, step: int):
+    """`step`'s Poisson draw as passes on the devices: (physical batch, batch, mask)
+    each, the rows sorted by length and cut to their length bucket."""
+    lengths = inputs.data["lengths"]
+    for pass_index, physical in enumerate(inputs.sampler.batches(step, sort_by=lengths)):
+        real_rows = physical.indices[physical.mask.astype(bool)]
+        length = bucket_length(lengths[real_rows], inputs.buckets, inputs.max_length)
+        dropout_keys = None
+        if inputs.dropout_base is not None:
+            key = jax.random.fold_in(jax.random.fold_in(inputs.dropout_base, step), pass_index)
+            dropout_keys = np.asarray(jax.random.split(key, len(physical.indices)))
+
+        def load_rows(ids, indices=physical.indices, length=length, dropout_keys=dropout_keys):
+            # Every host draws the same global batch; each loads only its devices' rows.
+            rows = take_batch(inputs.data, indices[ids], length)
+            if dropout_keys is not None:
+                rows["dropout_key"] = dropout_keys[ids]
+            return rows
+
+        batch, mask = sharding.put_batch(load_rows, physical.mask, inputs.device_rows)
+        yield physical, batch, mask
+
+
+def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainState, frozen, passes) -> ClippedSum:
+    """The (clipped) gradient sums of one step's passes, added; `passes` yields
+    (batch, mask) pairs on the devices."""
+    scales = mechanism.clip_scales(state.mechanism) if mechanism else None
+    summed = None
+    for batch, mask in passes:
+        part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
+        summed = part if summed is None else summed + part
+    return summed
+
+
+def train_step(inputs: StepInputs, state: TrainState, step: int, ledgers: RunAccounting | None = None):
+    """One training step on the host: draws the step's passes from the sampler,
+    sums their clipped gradients, records the step in `ledgers` and applies the
+    update. Returns (new state, realised batch size); the realised size of a
+    private batch is not public."""
+    realised = 0
+
+    def passes():
+        nonlocal realised
+        for physical, batch, mask in device_passes(inputs, step):
+            realised += physical.num_real
+            yield batch, mask
+
+    summed = sum_passes(inputs.fns, inputs.mechanism, state, inputs.frozen, passes())
+    if ledgers is not None:
+        ledgers.record(step, state)  # before `apply`, which donates the state
+    state = inputs.fns.apply(state, summed, sharding.replicate(np.float32(realised)))
+    return state, realised
+
+
+# --- the run's accounting ---------------------------------------------------------
+
+
+class RunAccounting:
+    """A run's privacy accounting: the mechanism and its noise multiplier, the
+    ledger, for the literal variant the realised-sequence ledger, and the terms a
+    resume must find unchanged. For non-private training: no mechanism."""
+
+    def __init__(self, config, trainable, num_train: int, sampling_rate: float, total_steps: int, delta: float):
+        p = config.privacy
+        self.private = p.method != "non_private"
+        self.delta, self.sampling_rate = delta, sampling_rate
+        self.mechanism = None
+        self.noise_multiplier = None
+        self.worst_case_scale = 1.0
+        if self.private:
+            profiled = p.method == "anadp" and p.importance == "private_profile"
+            profile_ratio = p.profile_noise_ratio if profiled else None
+            self.noise_multiplier = p.noise_multiplier if p.noise_multiplier > 0 else (
+                accounting.calibrate_noise_multiplier(p.epsilon, delta, sampling_rate, total_steps,
+                                                      accountant=p.accountant, profile_noise_ratio=profile_ratio)
+            )
+            self.mechanism = _mechanism(config, noise_multiplier=self.noise_multiplier,
+                                        expected_batch_size=sampling_rate * num_train)
+            self.worst_case_scale = self.mechanism.worst_case_scale(trainable)
+        # The ledger's anchor is the multiplier at uniform scales; the literal variant
+        # also keeps the realised sequence, which is not a guarantee (METHOD.md).
+        reference = self.step_multiplier(0) if self.private else None
+        self.ledger = accounting.PrivacyLedger(
+            p.accountant, reference_noise_multiplier=reference, pld_discretization=accounting.DEFAULT_PLD_DISCRETIZATION
+        )
+        m = self.mechanism
+        self.literal = m is not None and m.adaptive and m.clipping == "global"
+        self.realised_ledger = (
+            accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if self.literal else None
+        )
+        self.terms = checkpoint.accounting_terms(
+            config, self.noise_multiplier, m, sampling_rate, self.worst_case_scale, self.ledger
+        ) if self.private else {}
+
+    def step_multiplier(self, step: int, scales: Any = None) -> float:
+        """The step's accounted multiplier (worst case), or with `scales` its realised one."""
+        m = self.mechanism
+        group_scales = [m.accounted_scale(step, self.worst_case_scale)] if scales is None else scales
+        return accounting.effective_noise_multiplier(
+            self.noise_multiplier, group_scales, m.clipping, m.profile_noise_multiplier
+        )
+
+    def record(self, step: int, state: TrainState) -> None:
+        """Accounts `step`, taken from `state` (its realised scales for the literal variant)."""
+        if self.realised_ledger is not None:
+            scales_used = np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales))
+            self.realised_ledger.record(self.sampling_rate, self.step_multiplier(step, scales_used))
+        if self.private:
+            self.ledger.record(self.sampling_rate, self.step_multiplier(step))
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.delta) if self.private else float("inf")
+
+    def run_record(self, secrets: randomness.RunSecrets) -> dict:
+        """What a checkpoint saves besides the state and the ledger."""
+        realised = self.realised_ledger
+        return {
+            "secrets": secrets.state_dict(),
+            "accounting": self.terms,
+            "realised_ledger": checkpoint.json_ready(realised.state_dict()) if realised else None,
+        }
+
+    def resume(self, ledger: accounting.PrivacyLedger, run_record: dict, workdir: str) -> None:
+        """Takes over a checkpoint's ledgers, once its accounting terms are the run's."""
+        checkpoint.check_same_accounting(run_record["accounting"], self.terms, workdir)
+        self.ledger = ledger
+        if self.realised_ledger is not None:
+            self.realised_ledger = checkpoint.ledger_from_state(run_record["realised_ledger"])
+
+
 # --- the run -----------------------------------------------------------------
 
 
@@ -437,11 +586,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
-    prepare_workdir(workdir, config)
+def _load(config: ml_collections.ConfigDict, workdir: str):
+    """The task, the run's delta, and the model with its parameters split (trainable, frozen)."""
     p, t = config.privacy, config.train
-    private = p.method != "non_private"
-
     with _naming("model.name", config.model.name):
         tokenizer = models.tokenizer(config.model.name)
     task = load_task(config, tokenizer)
@@ -451,53 +598,59 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         raise ValueError(f"config.train.expected_batch_size={t.expected_batch_size!r} is invalid: must be at most "
                          f"the {num_train} training rows")
     delta = 0.0
-    if private:
+    if p.method != "non_private":
         delta = p.delta or accounting.default_delta(num_train)
         accounting.check_delta(delta, num_train)
-
     with _naming("model.name", config.model.name):
         model, params = build_model(config, task.spec.num_labels)
     models.check_max_length(config.data.max_length, model.config)
-    trainable, frozen = models.partition(params, config.model.finetune)
+    return task, delta, model, models.partition(params, config.model.finetune)
 
+
+def _restore_or_start(manager, template: TrainState, ledgers: RunAccounting, config, workdir: str):
+    """(step, state, secrets, restored) from the latest checkpoint, or a fresh start
+    with new secrets (restored False)."""
+    p = config.privacy
+    restored = checkpoint.restore_checkpoint(manager, template)
+    if restored is not None:
+        start_step, state, ledger, run_record = restored
+        ledgers.resume(ledger, run_record, workdir)
+        secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
+        print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
+    else:
+        start_step = 0
+        secrets = randomness.draw(p.randomness, config.train.seed)
+        mechanism = ledgers.mechanism
+        state = template._replace(mechanism=mechanism.init(template.trainable, secrets.noise_key) if mechanism else ())
+    if p.randomness == "seeded" and sharding.is_main_process():
+        print(randomness.SEEDED_WARNING, file=sys.stderr)
+    return start_step, state, secrets, restored is not None
+
+
+def _step_inputs(config, fns: StepFunctions, mechanism, frozen, sampler, train_split: dict) -> StepInputs:
+    t = config.train
+    inputs = StepInputs(
+        fns, mechanism, frozen, sampler, train_split, parse_buckets(config.data.bucket_lengths), config.data.max_length,
+        # Rows per pass on the devices: the physical batch padded (mask 0) to a
+        # multiple of the device count (and of the per-device microbatch).
+        device_rows=sharding.padded_batch_size(t.physical_batch_size, t.microbatch_size),
+        dropout_base=jax.random.PRNGKey(t.seed + 1_000_003) if config.model.dropout else None,
+    )
+    if inputs.device_rows != t.physical_batch_size and sharding.is_main_process():
+        print(f"train.physical_batch_size={t.physical_batch_size} padded to {inputs.device_rows} rows "
+              f"for {sharding.num_devices()} devices", file=sys.stderr)
+    return inputs
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
+    prepare_workdir(workdir, config)
+    t = config.train
+    task, delta, model, (trainable, frozen) = _load(config, workdir)
+    num_train = len(task.train["labels"])
     sampling_rate = sampling.sampling_rate_for(t.expected_batch_size, num_train)
     total_steps = t.steps if t.steps > 0 else sampling.steps_for_epochs(t.epochs, sampling_rate)
-
-    mechanism = None
-    noise_multiplier = None
-    worst_case_scale = 1.0
-    if private:
-        profile_ratio = p.profile_noise_ratio if (p.method == "anadp" and p.importance == "private_profile") else None
-        if p.noise_multiplier > 0:
-            noise_multiplier = p.noise_multiplier
-        else:
-            noise_multiplier = accounting.calibrate_noise_multiplier(
-                p.epsilon, delta, sampling_rate, total_steps, accountant=p.accountant,
-                profile_noise_ratio=profile_ratio,
-            )
-        expected_batch_size = sampling_rate * num_train
-        mechanism = _mechanism(config, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
-        worst_case_scale = mechanism.worst_case_scale(trainable)
-
-    def step_multiplier(step: int, scales: Any = None) -> float:
-        """The step's accounted multiplier (worst case), or with `scales` its realised one."""
-        group_scales = [mechanism.accounted_scale(step, worst_case_scale)] if scales is None else scales
-        return accounting.effective_noise_multiplier(
-            noise_multiplier, group_scales, mechanism.clipping, mechanism.profile_noise_multiplier
-        )
-
-    # The ledger's anchor is the multiplier at uniform scales; the literal variant
-    # also keeps the realised sequence, which is not a guarantee (METHOD.md).
-    reference = step_multiplier(0) if private else None
-    ledger = accounting.PrivacyLedger(
-        p.accountant, reference_noise_multiplier=reference, pld_discretization=accounting.DEFAULT_PLD_DISCRETIZATION
-    )
-    literal = mechanism is not None and mechanism.adaptive and mechanism.clipping == "global"
-    realised_ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if literal else None
-    terms = (
-        checkpoint.accounting_terms(config, noise_multiplier, mechanism, sampling_rate, worst_case_scale, ledger)
-        if private else {}
-    )
+    ledgers = RunAccounting(config, trainable, num_train, sampling_rate, total_steps, delta)
+    mechanism, private = ledgers.mechanism, ledgers.private
 
     optimizer = make_optimizer(t, total_steps)
     manager = checkpoint.open_manager(workdir)
@@ -506,112 +659,52 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         opt_state=optimizer.init(trainable),
         mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
     )
-    restored = checkpoint.restore_checkpoint(manager, template)
-    if restored is not None:
-        start_step, state, ledger, run_record = restored
-        checkpoint.check_same_accounting(run_record["accounting"], terms, workdir)
-        secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
-        if realised_ledger is not None:
-            realised_ledger = checkpoint.ledger_from_state(run_record["realised_ledger"])
-        print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
-    else:
-        start_step = 0
-        secrets = randomness.draw(p.randomness, t.seed)
-        state = template._replace(mechanism=mechanism.init(trainable, secrets.noise_key) if mechanism else ())
-    if p.randomness == "seeded" and sharding.is_main_process():
-        print(randomness.SEEDED_WARNING, file=sys.stderr)
+    start_step, state, secrets, resumed = _restore_or_start(manager, template, ledgers, config, workdir)
     sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, secrets.sampler_seed)
 
-    def save(step: int) -> None:
-        run_record = {
-            "secrets": secrets.state_dict(),
-            "accounting": terms,
-            "realised_ledger": checkpoint.json_ready(realised_ledger.state_dict()) if realised_ledger else None,
-        }
-        checkpoint.save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
+    def save(step: int, state: TrainState) -> None:
+        checkpoint.save_checkpoint(manager, step, jax.device_get(state), ledgers.ledger, ledgers.run_record(secrets))
 
     write_config(workdir, config, task.spec.label_names)
-    if restored is None:
+    if not resumed:
         # The secrets are saved before anything is released, so a crash at any
         # point resumes with the same randomness (and replays the same releases).
-        save(0)
+        save(0, state)
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
     board = TensorBoardLog(os.path.join(workdir, "tensorboard"), start_step,
                            include_nonprivate=config.debug.log_private_diagnostics)
-    buckets = parse_buckets(config.data.bucket_lengths)
-    main_metric = task.spec.main_metric
-    dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
-    # Rows per pass on the devices: the physical batch padded (mask 0) to a
-    # multiple of the device count (and of the per-device microbatch).
-    device_rows = sharding.padded_batch_size(t.physical_batch_size, t.microbatch_size)
-    if device_rows != t.physical_batch_size and sharding.is_main_process():
-        print(f"train.physical_batch_size={t.physical_batch_size} padded to {device_rows} rows "
-              f"for {sharding.num_devices()} devices", file=sys.stderr)
+    inputs = _step_inputs(config, fns, mechanism, frozen, sampler, task.train)
 
-    def eval_all(trainable_now):
-        return {
-            name: evaluate(
-                fns, trainable_now, frozen, split, task.spec, t.eval_batch_size, buckets, config.data.max_length
-            )
-            for name, split in task.eval_splits.items()
-        }
+    def eval_all(trainable_now) -> dict:
+        return {name: evaluate(fns, trainable_now, frozen, split, task.spec, t.eval_batch_size, inputs.buckets,
+                               inputs.max_length) for name, split in task.eval_splits.items()}
 
     last_eval: dict = {}
-    epsilon_now = ledger.epsilon(delta) if private else 0.0
+    epsilon_now = ledgers.epsilon() if private else 0.0
     progress = _ProgressBar(total_steps, start_step, private)
     for step in range(start_step, total_steps):
-        summed = None
-        realised = 0
-        for pass_index, physical in enumerate(sampler.batches(step, sort_by=task.train["lengths"])):
-            real_rows = physical.indices[physical.mask.astype(bool)]
-            length = bucket_length(task.train["lengths"][real_rows], buckets, config.data.max_length)
-            dropout_keys = None
-            if config.model.dropout:
-                key = jax.random.fold_in(jax.random.fold_in(dropout_base, step), pass_index)
-                dropout_keys = np.asarray(jax.random.split(key, len(physical.indices)))
-
-            def load_rows(ids, indices=physical.indices, length=length, dropout_keys=dropout_keys):
-                # Every host draws the same global batch; each loads only its devices' rows.
-                rows = take_batch(task.train, indices[ids], length)
-                if dropout_keys is not None:
-                    rows["dropout_key"] = dropout_keys[ids]
-                return rows
-
-            realised += physical.num_real
-            batch, mask = sharding.put_batch(load_rows, physical.mask, device_rows)
-            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
-            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-            summed = part if summed is None else summed + part
-        if realised_ledger is not None:
-            scales_used = np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales))
-            realised_ledger.record(sampling_rate, step_multiplier(step, scales_used))
-        state = fns.apply(state, summed, sharding.replicate(np.float32(realised)))
-        if private:
-            ledger.record(sampling_rate, step_multiplier(step))
+        state, realised = train_step(inputs, state, step, ledgers)
         done = step + 1
         record: dict = {"step": done}
         if not private or config.debug.log_private_diagnostics:
-            key = "train_batch_size" if not private else "nonprivate/realised_batch_size"
-            record[key] = realised
+            record["train_batch_size" if not private else "nonprivate/realised_batch_size"] = realised
         evaluating = done % t.eval_every == 0 or done == total_steps
         if evaluating:
-            last_eval = eval_all(state.trainable)
-            record["eval"] = last_eval
+            last_eval = record["eval"] = eval_all(state.trainable)
             if private:
-                epsilon_now = ledger.epsilon(delta)
-                record["epsilon"] = epsilon_now
+                epsilon_now = record["epsilon"] = ledgers.epsilon()
             if mechanism is not None and mechanism.adaptive:
                 record.update(_scales_record(mechanism, state, trainable))
             # Wall-clock time depends on the realised batch sizes and bucket lengths.
             record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
             log.write(record)
             board.write(record)
-        progress.update(done, last_eval, epsilon_now, main_metric)
+        progress.update(done, last_eval, epsilon_now, task.spec.main_metric)
         # Whatever was logged is covered by a checkpoint's ledger and secrets.
         if evaluating or done % t.checkpoint_every == 0:
-            save(done)
+            save(done, state)
         fresh.keep()
     fresh.keep()
     progress.close()
@@ -619,40 +712,48 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
         last_eval = eval_all(state.trainable)
+    summary = _summary(config, ledgers, task, trainable, last_eval, total_steps, start_time)
+    write_summary(workdir, summary, log.records)
+    return summary
+
+
+def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, total_steps: int,
+             start_time: float) -> dict:
+    p, private, mechanism = config.privacy, ledgers.private, ledgers.mechanism
+    num_train = len(task.train["labels"])
     primary_split = next(iter(last_eval))
     summary = {
         "task": config.data.task,
         "method": p.method,
         "finetune": config.model.finetune,
         "model": config.model.name,
-        "epsilon": ledger.epsilon(delta) if private else float("inf"),
+        "epsilon": ledgers.epsilon(),
         "target_epsilon": p.epsilon if private and p.noise_multiplier == 0 else None,
-        "delta": delta if private else None,
-        "noise_multiplier": noise_multiplier,
+        "delta": ledgers.delta if private else None,
+        "noise_multiplier": ledgers.noise_multiplier,
         "clipping": mechanism.clipping if mechanism else None,
         "randomness": p.randomness,
         "steps": total_steps,
-        "sampling_rate": sampling_rate,
-        "expected_batch_size": sampling_rate * num_train,
+        "sampling_rate": ledgers.sampling_rate,
+        "expected_batch_size": ledgers.sampling_rate * num_train,
         "num_train": num_train,
         "num_trainable_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))),
         "eval": last_eval[primary_split],
         "eval_splits": last_eval,
-        "main_metric": main_metric,
-        "seed": t.seed,
+        "main_metric": task.spec.main_metric,
+        "seed": config.train.seed,
         "nonprivate/wall_time_s": round(time.time() - start_time, 2),
         "versions": _versions(),
         "config": json.loads(config.to_json()),
     }
-    if literal:
+    if ledgers.literal:
         # Not guarantees: the realised sequence was chosen adaptively, and DP-SGD's
         # figure assumes uniform noise. The run's epsilon is the worst case above.
-        summary["worst_case_noise_scale"] = worst_case_scale
-        summary["epsilon_realised_sequence_not_a_guarantee"] = realised_ledger.epsilon(delta)
+        summary["worst_case_noise_scale"] = ledgers.worst_case_scale
+        summary["epsilon_realised_sequence_not_a_guarantee"] = ledgers.realised_ledger.epsilon(ledgers.delta)
         summary["dp_sgd_epsilon_same_sigma"] = accounting.compute_epsilon(
-            noise_multiplier, sampling_rate, total_steps, delta, accountant=p.accountant
+            ledgers.noise_multiplier, ledgers.sampling_rate, total_steps, ledgers.delta, accountant=p.accountant
         )
-    write_summary(workdir, summary, log.records)
     return summary
 
 

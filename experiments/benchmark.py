@@ -143,13 +143,9 @@ def prepare_method(method, model, params, batches, args) -> dict:
     fns, state, frozen, mechanism, mask = build_step(method, model, params, args, float(args["logical"]))
     holder = {"state": state}
 
-    def one_step():
+    def one_step():  # train.train_step without the sampler: the same passes every step
         state = holder["state"]
-        summed = None
-        for batch in batches:
-            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
-            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-            summed = part if summed is None else summed + part
+        summed = train.sum_passes(fns, mechanism, state, frozen, ((batch, mask) for batch in batches))
         holder["state"] = block(fns.apply(state, summed, jnp.float32(args["logical"])))
 
     scales = mechanism.clip_scales(state.mechanism) if mechanism else None
