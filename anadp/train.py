@@ -40,7 +40,7 @@ import optax
 
 from anadp import accounting, checkpoint, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
-from anadp.clipping import CLIP_FNS, CLIPPING_MODES, ClippedSum, clipped_grad_sum
+from anadp.clipping import CLIP_FNS, CLIPPING_MODES, ClippedSum, add_clipped_sums, clipped_grad_sum
 from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
 from anadp.workdir import (
@@ -443,7 +443,7 @@ def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainStat
     summed = None
     for batch, mask in passes:
         part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-        summed = part if summed is None else summed + part
+        summed = part if summed is None else add_clipped_sums(summed, part)
     return summed
 
 
@@ -737,7 +737,7 @@ def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, t
         "sampling_rate": ledgers.sampling_rate,
         "expected_batch_size": ledgers.sampling_rate * num_train,
         "num_train": num_train,
-        "num_trainable_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))),
+        "num_trainable_params": models.count_params(trainable),
         "eval": last_eval[primary_split],
         "eval_splits": last_eval,
         "main_metric": task.spec.main_metric,

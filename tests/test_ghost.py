@@ -326,7 +326,7 @@ def test_contractions_run_at_full_float32(kernel_norm):
     trainable, frozen = M.partition(params, "full")
     batch = tiny_batch("bert", rows=4, length=8)
     groups = allocation.make_groups(trainable, "array")
-    leaf_paths = [tuple(ghost._key(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    leaf_paths = allocation.leaf_paths(trainable)
 
     def engine(trainable, frozen, batch):
         scales = jax.tree_util.tree_map(lambda _: jnp.float32(1.5), trainable)
