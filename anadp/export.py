@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
@@ -300,14 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_unfinished", action="store_true",
                         help="export the latest checkpoint of a run without summary.json")
     args = parser.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers
-    try:
+
+    def action() -> str:
         files = export_run(args.workdir, args.out, args.allow_unfinished)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.workdir} to {args.out}: {', '.join(files)}")
-    return 0
+        return f"exported {args.workdir} to {args.out}: {', '.join(files)}"
+
+    return inference.run_cli(action)
 
 
 if __name__ == "__main__":

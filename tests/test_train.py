@@ -3,33 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = [
-    "--config.model.name=tiny-bert",
-    "--config.data.max_length=32",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-]
-
-
-def launch(workdir, *flags, env_extra=None, wait=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.update(env_extra or {})
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}", *TINY, *flags]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+from launching import TINY, launch
 
 
 @pytest.fixture(scope="module")
