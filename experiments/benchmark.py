@@ -131,7 +131,7 @@ def build_step(method, model, params, args, expected_batch_size: float):
     optimizer = train.make_optimizer(config.train, total_steps=1000)
     mechanism = None
     if method != "non_private":
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=expected_batch_size)
+        mechanism = train.mechanism_from_config(config, noise_multiplier=1.0, expected_batch_size=expected_batch_size)
     fns = train.make_step_functions(model, mechanism, optimizer, config)
     state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable) if mechanism else ())
     mask = jnp.ones(args["batch_size"], jnp.float32)
