@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("pld", "rdp")
-CLIPPING_MODES = ("elliptical", "global")
+CLIPPING_MODES = ("elliptical", "global")  # the one definition (anadp.clipping uses it)
 
 #: PLD ``value_discretization_interval`` (dp_accounting's default). The PLD
 #: discretisation is pessimistic: a coarser value gives a (slightly) larger

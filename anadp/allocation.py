@@ -38,7 +38,8 @@ class Groups(NamedTuple):
         return len(self.names)
 
 
-def _key_name(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """A path entry as a string: a plain str, or a jax key-path entry."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -48,7 +49,7 @@ def _key_name(key: Any) -> str:
 def leaf_paths(tree: Any) -> list[tuple[str, ...]]:
     """Each leaf's path as a tuple of strings, in flattening order."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [tuple(_key_name(k) for k in path) for path, _ in flat]
+    return [tuple(key_name(k) for k in path) for path, _ in flat]
 
 
 def _group_name(path: tuple[str, ...], grouping: str) -> str:

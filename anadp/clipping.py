@@ -55,9 +55,8 @@ import jax
 import jax.numpy as jnp
 
 from anadp import allocation
+from anadp.accounting import CLIPPING_MODES
 from anadp.allocation import Groups
-
-CLIPPING_MODES = ("elliptical", "global")
 
 # How a (whitened) gradient h becomes a contribution of norm <= C (module docstring).
 CLIP_FNS = ("clip", "automatic")
@@ -81,10 +80,14 @@ class ClippedSum(NamedTuple):
     grads: Any
     profile: jax.Array | None = None
 
-    def __add__(self, other: ClippedSum) -> ClippedSum:  # type: ignore[override]
-        grads = jax.tree_util.tree_map(jnp.add, self.grads, other.grads)
-        profile = None if self.profile is None else self.profile + other.profile
-        return ClippedSum(grads, profile)
+
+def add_clipped_sums(a: ClippedSum, b: ClippedSum) -> ClippedSum:
+    """The sum of two clipped sums (of the same parameters): gradients and profiles
+    added. Refuses to add a sum that has a profile to one that has none."""
+    if (a.profile is None) != (b.profile is None):
+        raise ValueError("cannot add a clipped sum with a profile to one without")
+    grads = jax.tree_util.tree_map(jnp.add, a.grads, b.grads)
+    return ClippedSum(grads, None if a.profile is None else a.profile + b.profile)
 
 
 def check_clipping(clipping: str) -> None:
@@ -292,7 +295,7 @@ def clipped_grad_sum(
         micro_batch, micro_mask = micro
         grads = per_example_grads(loss_fn, params, micro_batch)
         part = clipped_sum(grads, scales, mask=micro_mask, **clip_args)
-        return total + part, None
+        return add_clipped_sums(total, part), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from anadp import inference, models, train
+from anadp import checkpoint, inference, models
 from anadp.models.loading import hf_key
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_code", "modeling_anadp.py")
@@ -256,7 +255,7 @@ def export_run(workdir: str, out: str, allow_unfinished: bool = False) -> list[s
         raise ValueError(f"{workdir!r} has no summary.json: the run has not finished, so it has no final "
                          "epsilon to state; pass --allow_unfinished to export its latest checkpoint anyway")
     _check_output_folder(out)
-    step = train.latest_checkpoint_step(workdir)
+    step = checkpoint.latest_checkpoint_step(workdir)
     model, params, tokenizer, labels = inference.load_run(workdir, merge=True, step=step)
 
     parent = os.path.dirname(os.path.abspath(out))
@@ -300,14 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_unfinished", action="store_true",
                         help="export the latest checkpoint of a run without summary.json")
     args = parser.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers
-    try:
+
+    def action() -> str:
         files = export_run(args.workdir, args.out, args.allow_unfinished)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.workdir} to {args.out}: {', '.join(files)}")
-    return 0
+        return f"exported {args.workdir} to {args.out}: {', '.join(files)}"
+
+    return inference.run_cli(action)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from anadp import allocation
 from anadp import clipping as clipping_lib
 from anadp.allocation import Groups
 from anadp.clipping import ClippedSum
@@ -477,7 +478,7 @@ def clipped_grad_sum(
     flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
     if not flat:
         raise ValueError("no trainable parameters")
-    leaf_paths = [tuple(_key(k) for k in path) for path, _ in flat]
+    leaf_paths = allocation.leaf_paths(trainable)
     if scales is None:
         scale_leaves = [jnp.ones([], jnp.float32)] * len(flat)
     else:
@@ -508,16 +509,9 @@ def clipped_grad_sum(
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
 
     def body(total, micro):
-        return total + one(*micro), None
+        return clipping_lib.add_clipped_sums(total, one(*micro)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable)
     init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
     total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
     return total
-
-
-def _key(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)

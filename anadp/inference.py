@@ -13,16 +13,18 @@ the trainable params are read from the checkpoint, never its secrets
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from anadp import models, train
-
-LABELS_FILE = "labels.json"
+from anadp import checkpoint, models, train
+from anadp.data.loading import encode_texts
+from anadp.workdir import LABELS_FILE
 
 
 class LoadedRun(NamedTuple):
@@ -92,7 +94,7 @@ def load_run(workdir: str | os.PathLike, merge: bool = True, step: int | None = 
     labels = run_labels(workdir, config)
     model, initial = train.build_model(config, len(labels))
     initial_trainable, frozen = models.partition(initial, config["model"]["finetune"])
-    _, trainable = train.load_trainable(workdir, initial_trainable, step)
+    _, trainable = checkpoint.load_trainable(workdir, initial_trainable, step)
     params = models.combine(jax.tree_util.tree_map(np.asarray, trainable), frozen)
     if merge and model.lora is not None:
         params, model = models.merge_lora(params), model.clone(lora=None)
@@ -103,25 +105,7 @@ def encode(tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None, ma
     """Token arrays for texts (and their pairs), tokenised as the training data are
     (anadp.data.loading: `tokenizer(first[, second])`, padded to max_length, truncated,
     str() of each value)."""
-    columns = [[str(t) for t in texts]]
-    if text_pairs is not None:
-        columns.append([str(t) for t in text_pairs])
-    enc = tokenizer(
-        *columns,
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=True,
-        return_token_type_ids=True,
-        return_tensors="np",
-    )
-    ids = np.asarray(enc["input_ids"], np.int32)
-    types = enc.get("token_type_ids")
-    return {
-        "input_ids": ids,
-        "attention_mask": np.asarray(enc["attention_mask"], np.int32),
-        "token_type_ids": np.zeros_like(ids) if types is None else np.asarray(types, np.int32),
-    }
+    return encode_texts(tokenizer, [texts] if text_pairs is None else [texts, text_pairs], max_length)
 
 
 def _pad_rows(arrays: dict, rows: int) -> dict:
@@ -168,3 +152,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def run_cli(action: Callable[[], str]) -> int:
+    """The end of a command line (predict, export): runs `action` and prints the line it
+    returns (exit status 0), or a bad input's error in one line (exit status 2)."""
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers
+    try:
+        message = action()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from anadp import inference
+from anadp.data.user_files import jsonl_objects
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 PREDICTION = "prediction"
@@ -50,15 +50,7 @@ def read_rows(path: str, fmt: str) -> tuple[list[dict], list[str]]:
             return rows, list(reader.fieldnames or [])
     rows, columns = [], {}
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path!r} line {number} is not JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path!r} line {number} is not a JSON object")
+        for _, row in jsonl_objects(f, lambda line, message: ValueError(f"{path!r} line {line}: {message}")):
             rows.append(row)
             columns.update(dict.fromkeys(row))
     return rows, list(columns)
@@ -146,14 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=None, help="default: the run's data.max_length")
     args = parser.parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers
-    try:
+
+    def action() -> str:
         n = predict_file(args.workdir, args.input, args.output, args.batch_size, args.max_length)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {n} rows with predictions to {args.output}")
-    return 0
+        return f"wrote {n} rows with predictions to {args.output}"
+
+    return inference.run_cli(action)
 
 
 if __name__ == "__main__":

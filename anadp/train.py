@@ -11,6 +11,9 @@ in `workdir`:
     checkpoints/      orbax checkpoints: everything a resume needs
     *.png             training curves; for ANADP the noise-scale heatmaps
 
+(the files: `anadp.workdir`; the checkpoints: `anadp.checkpoint`). One step is
+`train_step`, which `run` calls once a step.
+
 A run that fails before its first step is done takes away what it added, so
 the corrected command starts as on a clean workdir.
 
@@ -27,7 +30,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -39,260 +41,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from anadp import accounting, ghost, importance, models, randomness, sampling, sharding
+from anadp import accounting, checkpoint, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
-from anadp.clipping import CLIP_FNS, CLIPPING_MODES, ClippedSum, clipped_grad_sum
+from anadp._validate import mechanism_from_config, validate_config
+from anadp.clipping import ClippedSum, add_clipped_sums, clipped_grad_sum
+from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
-
-METHODS = ("non_private", "dp_sgd", "anadp")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-# --- configuration checks (before any work) ----------------------------------
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses a bad configuration with a message naming the field."""
-    p, t, d, m = config.privacy, config.train, config.data, config.model
-
-    def bad(field, value, allowed):
-        raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
-
-    if d.task not in data_lib.known_tasks():
-        bad("data.task", d.task, f"known tasks are {sorted(data_lib.known_tasks())}")
-    if p.method not in METHODS:
-        bad("privacy.method", p.method, f"must be one of {METHODS}")
-    if m.finetune not in models.FINETUNE_MODES:
-        bad("model.finetune", m.finetune, f"must be one of {models.FINETUNE_MODES}")
-    if m.pooling not in models.POOLING_CHOICES:
-        bad("model.pooling", m.pooling, f"must be one of {models.POOLING_CHOICES}")
-    if m.head_init not in models.HEAD_INITS:
-        bad("model.head_init", m.head_init, f"must be one of {models.HEAD_INITS}")
-    if m.lora_rank < 1:
-        bad("model.lora_rank", m.lora_rank, "must be >= 1")
-    if not m.lora_alpha > 0:
-        bad("model.lora_alpha", m.lora_alpha, "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
-    if not 0 <= m.lora_dropout < 1:
-        bad("model.lora_dropout", m.lora_dropout, "must be in [0, 1)")
-    _validate_data(d, bad)
-    if p.method != "non_private":
-        if p.noise_multiplier < 0:
-            bad("privacy.noise_multiplier", p.noise_multiplier, "must be >= 0 (0: calibrate to epsilon)")
-        if p.noise_multiplier == 0 and not p.epsilon > 0:
-            bad("privacy.epsilon", p.epsilon, "must be > 0 (or set privacy.noise_multiplier > 0)")
-        if not 0 <= p.delta < 1:
-            bad("privacy.delta", p.delta, "must be in (0, 1/N), or 0 for the default")
-        if not p.l2_norm_clip > 0:
-            bad("privacy.l2_norm_clip", p.l2_norm_clip, "must be > 0")
-        if p.accountant not in ("pld", "rdp"):
-            bad("privacy.accountant", p.accountant, "must be 'pld' or 'rdp'")
-        # Checked for every private method, although only ANADP reads it: a typo
-        # must not pass silently until the day the method changes.
-        if p.clipping not in CLIPPING_MODES:
-            bad("privacy.clipping", p.clipping, f"must be one of {CLIPPING_MODES}")
-        if p.clip_fn not in CLIP_FNS:
-            bad("privacy.clip_fn", p.clip_fn, f"must be one of {CLIP_FNS}")
-        if not 0 < p.automatic_r < float("inf"):
-            bad("privacy.automatic_r", p.automatic_r, "must be in (0, inf)")
-        if p.method == "anadp":
-            # Mechanism validates the ANADP fields; re-raise naming the config group.
-            try:
-                _mechanism(config, noise_multiplier=1.0, expected_batch_size=1.0)
-            except ValueError as e:
-                raise ValueError(f"config.privacy: {e}") from None
-    randomness.check_mode(p.randomness)
-    if t.expected_batch_size <= 0:
-        bad("train.expected_batch_size", t.expected_batch_size, "must be > 0")
-    if t.physical_batch_size < 1:
-        bad("train.physical_batch_size", t.physical_batch_size, "must be >= 1")
-    if t.microbatch_size < 1 or t.physical_batch_size % t.microbatch_size:
-        bad(
-            "train.microbatch_size",
-            t.microbatch_size,
-            f"must divide train.physical_batch_size={t.physical_batch_size}",
-        )
-    if t.steps < 0 or (t.steps == 0 and not t.epochs > 0):
-        bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
-    if t.optimizer not in OPTIMIZERS:
-        bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
-    if t.dtype not in models.COMPUTE_DTYPES:
-        bad("train.dtype", t.dtype, f"must be one of {models.COMPUTE_DTYPES}")
-    engine = t.clipping_engine
-    if engine not in CLIPPING_ENGINES:
-        bad("train.clipping_engine", engine, f"must be one of {CLIPPING_ENGINES}")
-    if engine == "ghost" and config.model.dropout and p.method != "non_private":
-        bad("train.clipping_engine", engine, "'ghost' needs model.dropout=False (no per-example dropout)")
-    if t.schedule not in SCHEDULES:
-        bad("train.schedule", t.schedule, f"must be one of {SCHEDULES}")
-    if not t.learning_rate > 0:
-        bad("train.learning_rate", t.learning_rate, "must be > 0")
-    if t.lr_warmup_steps < 0:
-        bad("train.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
-    if not t.weight_decay >= 0:
-        bad("train.weight_decay", t.weight_decay, "must be >= 0")
-    for field in ("eval_every", "checkpoint_every", "eval_batch_size"):
-        if t[field] < 1:
-            bad(f"train.{field}", t[field], "must be >= 1")
-    if d.max_length < 2:
-        bad("data.max_length", d.max_length, "must be >= 2")
-
-
-def _validate_data(d: ml_collections.ConfigDict, bad: Callable) -> None:
-    """The file fields belong to the csv / jsonl tasks, data.dir to the others."""
-    if d.task not in data_lib.FILE_TASKS:
-        for field in ("train_file", "dev_file"):
-            if d[field]:
-                bad(f"data.{field}", d[field], f"must be empty unless data.task is one of {data_lib.FILE_TASKS}")
-        return
-    if not d.train_file:
-        bad("data.train_file", d.train_file, f"must name your {d.task.upper()} file for data.task={d.task}")
-    if d.dir:
-        bad("data.dir", d.dir, f"must be empty with data.task={d.task} (data.train_file is a path of its own)")
-    for field in ("text_column", "label_column"):
-        if not d[field].strip():
-            bad(f"data.{field}", d[field], "must name a column")
-    if d.label_column in (d.text_column, d.text_pair_column):
-        bad("data.label_column", d.label_column, "must differ from data.text_column and data.text_pair_column")
-    if d.text_pair_column == d.text_column:
-        bad("data.text_pair_column", d.text_pair_column, "must differ from data.text_column (or be empty)")
-
-
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Creates the workdir, checks it is writable, and refuses one that holds another config."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per host
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"workdir={workdir!r} is not writable: {e}") from None
-    path = os.path.join(workdir, "config.json")
-    resolved = json.loads(config.to_json())
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != resolved:
-            diffs = _config_differences(previous, resolved)
-            raise ValueError(
-                f"workdir={workdir!r} holds a run with a different config ({'; '.join(diffs[:5])}); "
-                "use a new workdir, or the same config to resume"
-            )
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict, label_names: tuple[str, ...]) -> None:
-    """config.json and labels.json (the class names, index = class id), written
-    once the run has set up (a failed start leaves neither behind)."""
-    if not sharding.is_main_process():
-        return
-    for name, content in (("config.json", json.loads(config.to_json())), (LABELS_FILE, list(label_names))):
-        path = os.path.join(workdir, name)
-        if not os.path.exists(path):
-            _write_json(path, content)
-
-
-LABELS_FILE = "labels.json"
-
-
-def check_same_labels(workdir: str, label_names: tuple[str, ...]) -> None:
-    """Refuses to resume a run whose data now has other classes (an edited train file)."""
-    path = os.path.join(workdir, LABELS_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        previous = json.load(f)
-    if previous != list(label_names):
-        raise ValueError(
-            f"workdir={workdir!r} holds a run trained on the classes {previous}; the data now has "
-            f"{list(label_names)}: use a new workdir"
-        )
-
-
-class FreshPaths:
-    """What a run adds to its workdir, so that a run failing before its first
-    step can take exactly that away again: the corrected command then starts as
-    on a clean workdir instead of being refused as "a different config".
-
-    Nothing is released before the first step, so nothing is lost: the step-0
-    checkpoint holds the initial state and the secrets, which the next run draws
-    afresh. Only process 0 removes (it alone writes the workdir's files)."""
-
-    OUTPUTS = ("config.json", LABELS_FILE, "metrics.jsonl", "checkpoints", "tensorboard")
-
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-        self.new_folders = []  # the workdir and the parents it will need, deepest first
-        path = self.workdir
-        while not os.path.lexists(path) and os.path.dirname(path) != path:
-            self.new_folders.append(path)
-            path = os.path.dirname(path)
-        self.new_outputs = [n for n in self.OUTPUTS if not os.path.lexists(os.path.join(self.workdir, n))]
-        self.kept = False
-
-    def keep(self) -> None:
-        """From now on the workdir holds a run worth resuming."""
-        self.kept = True
-
-    def remove(self) -> None:
-        if self.kept or not sharding.is_main_process():
-            return
-        for name in self.new_outputs:
-            path = os.path.join(self.workdir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
-        for folder in self.new_folders:
-            try:
-                os.rmdir(folder)
-            except FileNotFoundError:
-                continue
-            except OSError:  # not empty: something else was put there
-                break
-
-
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return diffs
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
+from anadp.workdir import (
+    FreshPaths,
+    RunLog,
+    TensorBoardLog,
+    check_same_labels,
+    prepare_workdir,
+    write_config,
+    write_summary,
+)
 
 # --- building blocks -----------------------------------------------------------
-
-
-def _mechanism(config, *, noise_multiplier: float, expected_batch_size: float) -> Mechanism:
-    p = config.privacy
-    adaptive = p.method == "anadp"
-    return Mechanism(
-        l2_norm_clip=p.l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size,
-        adaptive=adaptive,
-        clipping=p.clipping if adaptive else "global",
-        gamma=p.gamma,
-        rho=p.rho,
-        warmup_steps=p.warmup_steps,
-        grouping=p.grouping,
-        importance=p.importance,
-        beta1=p.beta1,
-        beta2=p.beta2,
-        profile_noise_ratio=p.profile_noise_ratio,
-        clip_fn=p.clip_fn,
-        automatic_r=p.automatic_r,
-    )
 
 
 def lora_config(model_config) -> models.LoraConfig | None:
@@ -344,29 +109,6 @@ def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformati
     return optax.sgd(schedule)
 
 
-def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...], max_length: int) -> int:
-    """The smallest bucket that holds the longest sequence (max_length if none does)."""
-    longest = int(np.max(lengths)) if len(lengths) else 1
-    for b in buckets:
-        if longest <= b <= max_length:
-            return b
-    return max_length
-
-
-def parse_buckets(spec: str) -> tuple[int, ...]:
-    return tuple(sorted(int(x) for x in spec.split(",") if x.strip()))
-
-
-def take_batch(arrays: dict, indices: np.ndarray, length: int) -> dict:
-    """Rows `indices` of the tokenised arrays, cut to `length` tokens (right padding)."""
-    return {
-        "input_ids": arrays["input_ids"][indices, :length],
-        "attention_mask": arrays["attention_mask"][indices, :length],
-        "token_type_ids": arrays["token_type_ids"][indices, :length],
-        "labels": arrays["labels"][indices].astype(np.int32),
-    }
-
-
 class TrainState(NamedTuple):
     trainable: Any
     opt_state: Any
@@ -390,11 +132,6 @@ def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
         return optax.softmax_cross_entropy_with_integer_labels(logits, example["labels"])
 
     return loss_fn
-
-
-# How the DP step gets its clipped sum: "vmap" (per-example gradients,
-# clipping.clipped_grad_sum) or "ghost" (ghost norms + book-keeping, anadp.ghost).
-CLIPPING_ENGINES = ("vmap", "ghost")
 
 
 @dataclasses.dataclass
@@ -430,7 +167,7 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
 
     else:
 
-        engine = config.train.clipping_engine  # checked by validate_config
+        engine = config.train.clipping_engine  # one of _validate.CLIPPING_ENGINES
 
         def accumulate(trainable, frozen, scales, batch, mask):
             clip_args = {
@@ -492,246 +229,6 @@ def evaluate(fns: StepFunctions, trainable, frozen, split: dict, spec, batch_siz
     return metrics
 
 
-# --- checkpoints, metrics -------------------------------------------------------
-
-
-class RunLog:
-    """metrics.jsonl, rewritten on resume so that it never holds steps past the checkpoint."""
-
-    def __init__(self, path: str, resume_step: int):
-        self.path = path
-        self.records: list[dict] = []
-        if os.path.exists(path):
-            with open(path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
-            self.records = [r for r in self.records if r["step"] <= resume_step]
-        if sharding.is_main_process():
-            with open(path, "w") as f:
-                for r in self.records:
-                    f.write(json.dumps(r) + "\n")
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if sharding.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def tensorboard_scalars(record: dict, include_nonprivate: bool = False) -> dict[str, float]:
-    """The scalars of a metrics.jsonl record under TensorBoard tags: ``<split>/<metric>``
-    for the dev metrics, the record's own key for epsilon and the other top-level
-    numbers. Keys marked ``nonprivate/`` only with ``include_nonprivate``; the
-    per-group dicts (noise scales, importance) stay in metrics.jsonl and the figures."""
-    scalars = {}
-    for split, metrics in record.get("eval", {}).items():
-        for name, value in metrics.items():
-            scalars[f"{split}/{name}"] = float(value)
-    for key, value in record.items():
-        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if key.startswith("nonprivate/") and not include_nonprivate:
-            continue
-        scalars[key] = float(value)
-    return scalars
-
-
-class TensorBoardLog:
-    """``tensorboard/``: event files with the scalars of metrics.jsonl (tensorboardX,
-    no TensorFlow). The writer is opened at the first record, so a run that logs
-    nothing leaves no folder; a resumed run tells TensorBoard to drop what an
-    interrupted run logged after its checkpoint (``purge_step``), as metrics.jsonl
-    is cut back."""
-
-    def __init__(self, folder: str, resume_step: int, include_nonprivate: bool):
-        self.folder, self.resume_step, self.include_nonprivate = folder, resume_step, include_nonprivate
-        self.writer = None
-
-    def write(self, record: dict) -> None:
-        if not sharding.is_main_process():
-            return
-        if self.writer is None:
-            from tensorboardX import SummaryWriter
-
-            purge_step = self.resume_step + 1 if self.resume_step > 0 else None
-            self.writer = SummaryWriter(self.folder, purge_step=purge_step)
-        for tag, value in tensorboard_scalars(record, self.include_nonprivate).items():
-            self.writer.add_scalar(tag, value, global_step=record["step"])
-        self.writer.flush()  # a killed run keeps every record it logged
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _checkpoint_manager(workdir: str, create: bool = True):
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not create and not os.path.isdir(directory):
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")  # reading must not create the folder
-    if sharding.is_main_process() and create:
-        # Checkpoints hold the run's secret randomness (and, like the data, they
-        # are not for publication): owner-only.
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def _json_ready(d: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
-
-
-def save_checkpoint(manager, step: int, state: TrainState, ledger: accounting.PrivacyLedger, run: dict) -> None:
-    """Saves the train state, the privacy ledger and `run` (the secrets and the accounting terms)."""
-    import orbax.checkpoint as ocp
-
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state._asdict()),
-            ledger=ocp.args.JsonSave(_json_ready(ledger.state_dict())),
-            run=ocp.args.JsonSave(run),
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
-
-
-def _ledger_from(state: dict) -> accounting.PrivacyLedger:
-    state = dict(state)
-    if state.get("reference_noise_multiplier") is None:
-        state["reference_noise_multiplier"] = float("nan")
-    return accounting.PrivacyLedger.from_state_dict(state)
-
-
-def restore_checkpoint(manager, template: TrainState):
-    """(step, state, ledger, run) of the latest checkpoint, or None when there is none."""
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
-            ),
-        )
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ValueError(
-            f"the checkpoint at step {step} in {manager.directory} cannot be resumed by this version "
-            f"(it lacks the run's secrets or accounting terms: {e}); use a new workdir"
-        ) from None
-    return step, TrainState(**restored["state"]), _ledger_from(restored["ledger"]), dict(restored["run"])
-
-
-def load_checkpoint(workdir: str, step: int | None = None) -> dict:
-    """A run's checkpoint as saved ({"state", "ledger", "run"}), latest by default."""
-    import orbax.checkpoint as ocp
-
-    manager = _checkpoint_manager(workdir, create=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")
-    return manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), ledger=ocp.args.JsonRestore(), run=ocp.args.JsonRestore()
-        ),
-    )
-
-
-def _read_only_manager(workdir: str):
-    """A checkpoint manager that reads a workdir and never creates or deletes anything in it."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise ValueError(f"workdir={workdir!r} has no checkpoints/ folder")
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def latest_checkpoint_step(workdir: str) -> int | None:
-    """The step of a run's latest checkpoint (None when it has none)."""
-    return _read_only_manager(workdir).latest_step()
-
-
-def load_trainable(workdir: str, template: Any, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a run's checkpoint (latest by default), read alone.
-
-    `template`: the trainable params' tree (arrays or ShapeDtypeStructs), as
-    `models.partition` gives it for the run's config. Only `state/trainable` is
-    read (an orbax partial restore): the optimiser state, the mechanism's state
-    (its noise key) and the run record (the secrets, the ledger) stay on disk, so
-    no caller can pass them on by accident. The manager is read-only: loading a
-    run neither creates nor changes anything in its workdir.
-    """
-    import orbax.checkpoint as ocp
-
-    manager = _read_only_manager(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"workdir={workdir!r} has no checkpoint")
-    directory = manager.directory
-    wanted = {"trainable": jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise ValueError(
-            f"the checkpoint at step {step} in {directory} does not hold the trainable parameters this "
-            f"config implies ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    trainable = restored["state"]["trainable"]
-    got_leaves = models.flatten_params(trainable)
-    for path, want in models.flatten_params(wanted["trainable"]).items():
-        got = got_leaves.get(path)
-        if got is None or tuple(np.shape(got)) != tuple(want.shape):
-            raise ValueError(
-                f"the checkpoint at step {step} in {directory} has {'/'.join(path)} of shape "
-                f"{None if got is None else tuple(np.shape(got))}, the config implies {tuple(want.shape)}"
-            )
-    return step, trainable
-
-
-def accounting_terms(config, noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
-                     worst_case_scale: float, ledger: accounting.PrivacyLedger) -> dict:
-    """Everything that decides how a step is accounted, as a resume must find it unchanged."""
-    from importlib import metadata
-
-    return {
-        "noise_multiplier": float(noise_multiplier),
-        "sampling_rate": float(sampling_rate),
-        "clipping": mechanism.clipping,
-        "profile_noise_multiplier": mechanism.profile_noise_multiplier,
-        "worst_case_scale": float(worst_case_scale),
-        "warmup_steps": int(mechanism.warmup_steps),
-        "accountant": ledger.accountant,
-        "ledger_grid": ledger.grid,
-        "pld_discretization": ledger.pld_discretization,
-        "dp_accounting_version": metadata.version("dp-accounting"),
-    }
-
-
-def check_same_accounting(saved: dict, live: dict, workdir: str) -> None:
-    """Refuses to resume a run whose steps would now be accounted differently."""
-    changed = [
-        f"{k}: {saved.get(k)!r} in the checkpoint, {live.get(k)!r} now"
-        for k in sorted(set(saved) | set(live))
-        if saved.get(k) != live.get(k)
-    ]
-    if changed:
-        raise ValueError(
-            f"workdir={workdir!r} was accounted differently ({'; '.join(changed)}); resuming would mix two "
-            "accountings in one epsilon: use a new workdir (or the versions the run started with)"
-        )
-
-
 def _versions() -> dict:
     import flax
 
@@ -758,6 +255,155 @@ def _scales_record(mechanism: Mechanism, state: TrainState, trainable_template) 
         "importance_weight_corr": importance.importance_weight_correlation(scores, state.trainable, groups),
         "importance": dict(zip(groups.names, scores.tolist())),
     }
+
+
+# --- one step ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepInputs:
+    """What a step reads besides the train state: the compiled functions, the
+    frozen parameters (on the devices), the sampler and the training arrays."""
+
+    fns: StepFunctions
+    mechanism: Mechanism | None
+    frozen: Any
+    sampler: sampling.PoissonSampler
+    data: dict  # the training split's arrays, "lengths" included
+    buckets: tuple[int, ...]
+    max_length: int
+    device_rows: int  # rows per pass on the devices: sharding.padded_batch_size
+    dropout_base: Any = None  # a PRNG key, for per-example dropout keys; None: no dropout
+
+
+def device_passes(inputs: StepInputs, step: int):
+    """`step`'s Poisson draw as passes on the devices: (physical batch, batch, mask)
+    each, the rows sorted by length and cut to their length bucket."""
+    lengths = inputs.data["lengths"]
+    for pass_index, physical in enumerate(inputs.sampler.batches(step, sort_by=lengths)):
+        real_rows = physical.indices[physical.mask.astype(bool)]
+        length = bucket_length(lengths[real_rows], inputs.buckets, inputs.max_length)
+        dropout_keys = None
+        if inputs.dropout_base is not None:
+            key = jax.random.fold_in(jax.random.fold_in(inputs.dropout_base, step), pass_index)
+            dropout_keys = np.asarray(jax.random.split(key, len(physical.indices)))
+
+        def load_rows(ids, indices=physical.indices, length=length, dropout_keys=dropout_keys):
+            # Every host draws the same global batch; each loads only its devices' rows.
+            rows = take_batch(inputs.data, indices[ids], length)
+            if dropout_keys is not None:
+                rows["dropout_key"] = dropout_keys[ids]
+            return rows
+
+        batch, mask = sharding.put_batch(load_rows, physical.mask, inputs.device_rows)
+        yield physical, batch, mask
+
+
+def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainState, frozen, passes) -> ClippedSum:
+    """The (clipped) gradient sums of one step's passes, added; `passes` yields
+    (batch, mask) pairs on the devices."""
+    scales = mechanism.clip_scales(state.mechanism) if mechanism else None
+    summed = None
+    for batch, mask in passes:
+        part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
+        summed = part if summed is None else add_clipped_sums(summed, part)
+    return summed
+
+
+def train_step(inputs: StepInputs, state: TrainState, step: int, ledgers: RunAccounting | None = None):
+    """One training step on the host: draws the step's passes from the sampler,
+    sums their clipped gradients, records the step in `ledgers` and applies the
+    update. Returns (new state, realised batch size); the realised size of a
+    private batch is not public."""
+    realised = 0
+
+    def passes():
+        nonlocal realised
+        for physical, batch, mask in device_passes(inputs, step):
+            realised += physical.num_real
+            yield batch, mask
+
+    summed = sum_passes(inputs.fns, inputs.mechanism, state, inputs.frozen, passes())
+    if ledgers is not None:
+        ledgers.record(step, state)  # before `apply`, which donates the state
+    state = inputs.fns.apply(state, summed, sharding.replicate(np.float32(realised)))
+    return state, realised
+
+
+# --- the run's accounting ---------------------------------------------------------
+
+
+class RunAccounting:
+    """A run's privacy accounting: the mechanism and its noise multiplier, the
+    ledger, for the literal variant the realised-sequence ledger, and the terms a
+    resume must find unchanged. For non-private training: no mechanism."""
+
+    def __init__(self, config, trainable, num_train: int, sampling_rate: float, total_steps: int, delta: float):
+        p = config.privacy
+        self.private = p.method != "non_private"
+        self.delta, self.sampling_rate = delta, sampling_rate
+        self.mechanism = None
+        self.noise_multiplier = None
+        self.worst_case_scale = 1.0
+        if self.private:
+            profiled = p.method == "anadp" and p.importance == "private_profile"
+            profile_ratio = p.profile_noise_ratio if profiled else None
+            self.noise_multiplier = p.noise_multiplier if p.noise_multiplier > 0 else (
+                accounting.calibrate_noise_multiplier(p.epsilon, delta, sampling_rate, total_steps,
+                                                      accountant=p.accountant, profile_noise_ratio=profile_ratio)
+            )
+            self.mechanism = mechanism_from_config(config, noise_multiplier=self.noise_multiplier,
+                                        expected_batch_size=sampling_rate * num_train)
+            self.worst_case_scale = self.mechanism.worst_case_scale(trainable)
+        # The ledger's anchor is the multiplier at uniform scales; the literal variant
+        # also keeps the realised sequence, which is not a guarantee (METHOD.md).
+        reference = self.step_multiplier(0) if self.private else None
+        self.ledger = accounting.PrivacyLedger(
+            p.accountant, reference_noise_multiplier=reference, pld_discretization=accounting.DEFAULT_PLD_DISCRETIZATION
+        )
+        m = self.mechanism
+        self.literal = m is not None and m.adaptive and m.clipping == "global"
+        self.realised_ledger = (
+            accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if self.literal else None
+        )
+        self.terms = checkpoint.accounting_terms(
+            config, self.noise_multiplier, m, sampling_rate, self.worst_case_scale, self.ledger
+        ) if self.private else {}
+
+    def step_multiplier(self, step: int, scales: Any = None) -> float:
+        """The step's accounted multiplier (worst case), or with `scales` its realised one."""
+        m = self.mechanism
+        group_scales = [m.accounted_scale(step, self.worst_case_scale)] if scales is None else scales
+        return accounting.effective_noise_multiplier(
+            self.noise_multiplier, group_scales, m.clipping, m.profile_noise_multiplier
+        )
+
+    def record(self, step: int, state: TrainState) -> None:
+        """Accounts `step`, taken from `state` (its realised scales for the literal variant)."""
+        if self.realised_ledger is not None:
+            scales_used = np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales))
+            self.realised_ledger.record(self.sampling_rate, self.step_multiplier(step, scales_used))
+        if self.private:
+            self.ledger.record(self.sampling_rate, self.step_multiplier(step))
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.delta) if self.private else float("inf")
+
+    def run_record(self, secrets: randomness.RunSecrets) -> dict:
+        """What a checkpoint saves besides the state and the ledger."""
+        realised = self.realised_ledger
+        return {
+            "secrets": secrets.state_dict(),
+            "accounting": self.terms,
+            "realised_ledger": checkpoint.json_ready(realised.state_dict()) if realised else None,
+        }
+
+    def resume(self, ledger: accounting.PrivacyLedger, run_record: dict, workdir: str) -> None:
+        """Takes over a checkpoint's ledgers, once its accounting terms are the run's."""
+        checkpoint.check_same_accounting(run_record["accounting"], self.terms, workdir)
+        self.ledger = ledger
+        if self.realised_ledger is not None:
+            self.realised_ledger = checkpoint.ledger_from_state(run_record["realised_ledger"])
 
 
 # --- the run -----------------------------------------------------------------
@@ -803,11 +449,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
-    prepare_workdir(workdir, config)
+def _load(config: ml_collections.ConfigDict, workdir: str):
+    """The task, the run's delta, and the model with its parameters split (trainable, frozen)."""
     p, t = config.privacy, config.train
-    private = p.method != "non_private"
-
     with _naming("model.name", config.model.name):
         tokenizer = models.tokenizer(config.model.name)
     task = load_task(config, tokenizer)
@@ -817,167 +461,113 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
         raise ValueError(f"config.train.expected_batch_size={t.expected_batch_size!r} is invalid: must be at most "
                          f"the {num_train} training rows")
     delta = 0.0
-    if private:
+    if p.method != "non_private":
         delta = p.delta or accounting.default_delta(num_train)
         accounting.check_delta(delta, num_train)
-
     with _naming("model.name", config.model.name):
         model, params = build_model(config, task.spec.num_labels)
     models.check_max_length(config.data.max_length, model.config)
-    trainable, frozen = models.partition(params, config.model.finetune)
+    return task, delta, model, models.partition(params, config.model.finetune)
 
+
+def _restore_or_start(manager, template: TrainState, ledgers: RunAccounting, config, workdir: str):
+    """(step, state, secrets, restored) from the latest checkpoint, or a fresh start
+    with new secrets (restored False)."""
+    p = config.privacy
+    restored = checkpoint.restore_checkpoint(manager, template)
+    if restored is not None:
+        start_step, state, ledger, run_record = restored
+        ledgers.resume(ledger, run_record, workdir)
+        secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
+        print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
+    else:
+        start_step = 0
+        secrets = randomness.draw(p.randomness, config.train.seed)
+        mechanism = ledgers.mechanism
+        state = template._replace(mechanism=mechanism.init(template.trainable, secrets.noise_key) if mechanism else ())
+    if p.randomness == "seeded" and sharding.is_main_process():
+        print(randomness.SEEDED_WARNING, file=sys.stderr)
+    return start_step, state, secrets, restored is not None
+
+
+def _step_inputs(config, fns: StepFunctions, mechanism, frozen, sampler, train_split: dict) -> StepInputs:
+    t = config.train
+    inputs = StepInputs(
+        fns, mechanism, frozen, sampler, train_split, parse_buckets(config.data.bucket_lengths), config.data.max_length,
+        # Rows per pass on the devices: the physical batch padded (mask 0) to a
+        # multiple of the device count (and of the per-device microbatch).
+        device_rows=sharding.padded_batch_size(t.physical_batch_size, t.microbatch_size),
+        dropout_base=jax.random.PRNGKey(t.seed + 1_000_003) if config.model.dropout else None,
+    )
+    if inputs.device_rows != t.physical_batch_size and sharding.is_main_process():
+        print(f"train.physical_batch_size={t.physical_batch_size} padded to {inputs.device_rows} rows "
+              f"for {sharding.num_devices()} devices", file=sys.stderr)
+    return inputs
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
+    prepare_workdir(workdir, config)
+    t = config.train
+    task, delta, model, (trainable, frozen) = _load(config, workdir)
+    num_train = len(task.train["labels"])
     sampling_rate = sampling.sampling_rate_for(t.expected_batch_size, num_train)
     total_steps = t.steps if t.steps > 0 else sampling.steps_for_epochs(t.epochs, sampling_rate)
-
-    mechanism = None
-    noise_multiplier = None
-    worst_case_scale = 1.0
-    if private:
-        profile_ratio = p.profile_noise_ratio if (p.method == "anadp" and p.importance == "private_profile") else None
-        if p.noise_multiplier > 0:
-            noise_multiplier = p.noise_multiplier
-        else:
-            noise_multiplier = accounting.calibrate_noise_multiplier(
-                p.epsilon, delta, sampling_rate, total_steps, accountant=p.accountant,
-                profile_noise_ratio=profile_ratio,
-            )
-        expected_batch_size = sampling_rate * num_train
-        mechanism = _mechanism(config, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size)
-        worst_case_scale = mechanism.worst_case_scale(trainable)
-
-    def step_multiplier(step: int, scales: Any = None) -> float:
-        """The step's accounted multiplier (worst case), or with `scales` its realised one."""
-        group_scales = [mechanism.accounted_scale(step, worst_case_scale)] if scales is None else scales
-        return accounting.effective_noise_multiplier(
-            noise_multiplier, group_scales, mechanism.clipping, mechanism.profile_noise_multiplier
-        )
-
-    # The ledger's anchor is the multiplier at uniform scales; the literal variant
-    # also keeps the realised sequence, which is not a guarantee (METHOD.md).
-    reference = step_multiplier(0) if private else None
-    ledger = accounting.PrivacyLedger(
-        p.accountant, reference_noise_multiplier=reference, pld_discretization=accounting.DEFAULT_PLD_DISCRETIZATION
-    )
-    literal = mechanism is not None and mechanism.adaptive and mechanism.clipping == "global"
-    realised_ledger = accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if literal else None
-    terms = (
-        accounting_terms(config, noise_multiplier, mechanism, sampling_rate, worst_case_scale, ledger)
-        if private else {}
-    )
+    ledgers = RunAccounting(config, trainable, num_train, sampling_rate, total_steps, delta)
+    mechanism, private = ledgers.mechanism, ledgers.private
 
     optimizer = make_optimizer(t, total_steps)
-    manager = _checkpoint_manager(workdir)
+    manager = checkpoint.open_manager(workdir)
     template = TrainState(
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
     )
-    restored = restore_checkpoint(manager, template)
-    if restored is not None:
-        start_step, state, ledger, run_record = restored
-        check_same_accounting(run_record["accounting"], terms, workdir)
-        secrets = randomness.RunSecrets.from_state_dict(run_record["secrets"])
-        if realised_ledger is not None:
-            realised_ledger = _ledger_from(run_record["realised_ledger"])
-        print(f"resumed from step {start_step} (checkpoint in {workdir})", file=sys.stderr)
-    else:
-        start_step = 0
-        secrets = randomness.draw(p.randomness, t.seed)
-        state = template._replace(mechanism=mechanism.init(trainable, secrets.noise_key) if mechanism else ())
-    if p.randomness == "seeded" and sharding.is_main_process():
-        print(randomness.SEEDED_WARNING, file=sys.stderr)
+    start_step, state, secrets, resumed = _restore_or_start(manager, template, ledgers, config, workdir)
     sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, secrets.sampler_seed)
 
-    def checkpoint(step: int) -> None:
-        run_record = {
-            "secrets": secrets.state_dict(),
-            "accounting": terms,
-            "realised_ledger": _json_ready(realised_ledger.state_dict()) if realised_ledger else None,
-        }
-        save_checkpoint(manager, step, jax.device_get(state), ledger, run_record)
+    def save(step: int, state: TrainState) -> None:
+        checkpoint.save_checkpoint(manager, step, jax.device_get(state), ledgers.ledger, ledgers.run_record(secrets))
 
     write_config(workdir, config, task.spec.label_names)
-    if restored is None:
+    if not resumed:
         # The secrets are saved before anything is released, so a crash at any
         # point resumes with the same randomness (and replays the same releases).
-        checkpoint(0)
+        save(0, state)
     state, frozen = sharding.replicate(state), sharding.replicate(frozen)
     fns = make_step_functions(model, mechanism, optimizer, config)
     log = RunLog(os.path.join(workdir, "metrics.jsonl"), start_step)
     board = TensorBoardLog(os.path.join(workdir, "tensorboard"), start_step,
                            include_nonprivate=config.debug.log_private_diagnostics)
-    buckets = parse_buckets(config.data.bucket_lengths)
-    main_metric = task.spec.main_metric
-    dropout_base = jax.random.PRNGKey(t.seed + 1_000_003)
-    # Rows per pass on the devices: the physical batch padded (mask 0) to a
-    # multiple of the device count (and of the per-device microbatch).
-    device_rows = sharding.padded_batch_size(t.physical_batch_size, t.microbatch_size)
-    if device_rows != t.physical_batch_size and sharding.is_main_process():
-        print(f"train.physical_batch_size={t.physical_batch_size} padded to {device_rows} rows "
-              f"for {sharding.num_devices()} devices", file=sys.stderr)
+    inputs = _step_inputs(config, fns, mechanism, frozen, sampler, task.train)
 
-    def eval_all(trainable_now):
-        return {
-            name: evaluate(
-                fns, trainable_now, frozen, split, task.spec, t.eval_batch_size, buckets, config.data.max_length
-            )
-            for name, split in task.eval_splits.items()
-        }
+    def eval_all(trainable_now) -> dict:
+        return {name: evaluate(fns, trainable_now, frozen, split, task.spec, t.eval_batch_size, inputs.buckets,
+                               inputs.max_length) for name, split in task.eval_splits.items()}
 
     last_eval: dict = {}
-    epsilon_now = ledger.epsilon(delta) if private else 0.0
+    epsilon_now = ledgers.epsilon() if private else 0.0
     progress = _ProgressBar(total_steps, start_step, private)
     for step in range(start_step, total_steps):
-        summed = None
-        realised = 0
-        for pass_index, physical in enumerate(sampler.batches(step, sort_by=task.train["lengths"])):
-            real_rows = physical.indices[physical.mask.astype(bool)]
-            length = bucket_length(task.train["lengths"][real_rows], buckets, config.data.max_length)
-            dropout_keys = None
-            if config.model.dropout:
-                key = jax.random.fold_in(jax.random.fold_in(dropout_base, step), pass_index)
-                dropout_keys = np.asarray(jax.random.split(key, len(physical.indices)))
-
-            def load_rows(ids, indices=physical.indices, length=length, dropout_keys=dropout_keys):
-                # Every host draws the same global batch; each loads only its devices' rows.
-                rows = take_batch(task.train, indices[ids], length)
-                if dropout_keys is not None:
-                    rows["dropout_key"] = dropout_keys[ids]
-                return rows
-
-            realised += physical.num_real
-            batch, mask = sharding.put_batch(load_rows, physical.mask, device_rows)
-            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
-            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-            summed = part if summed is None else summed + part
-        if realised_ledger is not None:
-            scales_used = np.asarray(jax.tree_util.tree_leaves(state.mechanism.scales))
-            realised_ledger.record(sampling_rate, step_multiplier(step, scales_used))
-        state = fns.apply(state, summed, sharding.replicate(np.float32(realised)))
-        if private:
-            ledger.record(sampling_rate, step_multiplier(step))
+        state, realised = train_step(inputs, state, step, ledgers)
         done = step + 1
         record: dict = {"step": done}
         if not private or config.debug.log_private_diagnostics:
-            key = "train_batch_size" if not private else "nonprivate/realised_batch_size"
-            record[key] = realised
+            record["train_batch_size" if not private else "nonprivate/realised_batch_size"] = realised
         evaluating = done % t.eval_every == 0 or done == total_steps
         if evaluating:
-            last_eval = eval_all(state.trainable)
-            record["eval"] = last_eval
+            last_eval = record["eval"] = eval_all(state.trainable)
             if private:
-                epsilon_now = ledger.epsilon(delta)
-                record["epsilon"] = epsilon_now
+                epsilon_now = record["epsilon"] = ledgers.epsilon()
             if mechanism is not None and mechanism.adaptive:
                 record.update(_scales_record(mechanism, state, trainable))
             # Wall-clock time depends on the realised batch sizes and bucket lengths.
             record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
             log.write(record)
             board.write(record)
-        progress.update(done, last_eval, epsilon_now, main_metric)
+        progress.update(done, last_eval, epsilon_now, task.spec.main_metric)
         # Whatever was logged is covered by a checkpoint's ledger and secrets.
         if evaluating or done % t.checkpoint_every == 0:
-            checkpoint(done)
+            save(done, state)
         fresh.keep()
     fresh.keep()
     progress.close()
@@ -985,44 +575,48 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
         last_eval = eval_all(state.trainable)
+    summary = _summary(config, ledgers, task, trainable, last_eval, total_steps, start_time)
+    write_summary(workdir, summary, log.records)
+    return summary
+
+
+def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, total_steps: int,
+             start_time: float) -> dict:
+    p, private, mechanism = config.privacy, ledgers.private, ledgers.mechanism
+    num_train = len(task.train["labels"])
     primary_split = next(iter(last_eval))
     summary = {
         "task": config.data.task,
         "method": p.method,
         "finetune": config.model.finetune,
         "model": config.model.name,
-        "epsilon": ledger.epsilon(delta) if private else float("inf"),
+        "epsilon": ledgers.epsilon(),
         "target_epsilon": p.epsilon if private and p.noise_multiplier == 0 else None,
-        "delta": delta if private else None,
-        "noise_multiplier": noise_multiplier,
+        "delta": ledgers.delta if private else None,
+        "noise_multiplier": ledgers.noise_multiplier,
         "clipping": mechanism.clipping if mechanism else None,
         "randomness": p.randomness,
         "steps": total_steps,
-        "sampling_rate": sampling_rate,
-        "expected_batch_size": sampling_rate * num_train,
+        "sampling_rate": ledgers.sampling_rate,
+        "expected_batch_size": ledgers.sampling_rate * num_train,
         "num_train": num_train,
-        "num_trainable_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(trainable))),
+        "num_trainable_params": models.count_params(trainable),
         "eval": last_eval[primary_split],
         "eval_splits": last_eval,
-        "main_metric": main_metric,
-        "seed": t.seed,
+        "main_metric": task.spec.main_metric,
+        "seed": config.train.seed,
         "nonprivate/wall_time_s": round(time.time() - start_time, 2),
         "versions": _versions(),
         "config": json.loads(config.to_json()),
     }
-    if literal:
+    if ledgers.literal:
         # Not guarantees: the realised sequence was chosen adaptively, and DP-SGD's
         # figure assumes uniform noise. The run's epsilon is the worst case above.
-        summary["worst_case_noise_scale"] = worst_case_scale
-        summary["epsilon_realised_sequence_not_a_guarantee"] = realised_ledger.epsilon(delta)
+        summary["worst_case_noise_scale"] = ledgers.worst_case_scale
+        summary["epsilon_realised_sequence_not_a_guarantee"] = ledgers.realised_ledger.epsilon(ledgers.delta)
         summary["dp_sgd_epsilon_same_sigma"] = accounting.compute_epsilon(
-            noise_multiplier, sampling_rate, total_steps, delta, accountant=p.accountant
+            ledgers.noise_multiplier, ledgers.sampling_rate, total_steps, ledgers.delta, accountant=p.accountant
         )
-    if sharding.is_main_process():
-        _write_json(os.path.join(workdir, "summary.json"), summary)
-        from anadp import plots
-
-        plots.plot_run(workdir, log.records, summary)
     return summary
 
 

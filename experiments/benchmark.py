@@ -47,6 +47,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anadp import models, train  # noqa: E402
+from anadp.data.batching import bucket_length, parse_buckets, take_batch  # noqa: E402
 from configs import base  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -130,7 +131,7 @@ def build_step(method, model, params, args, expected_batch_size: float):
     optimizer = train.make_optimizer(config.train, total_steps=1000)
     mechanism = None
     if method != "non_private":
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=expected_batch_size)
+        mechanism = train.mechanism_from_config(config, noise_multiplier=1.0, expected_batch_size=expected_batch_size)
     fns = train.make_step_functions(model, mechanism, optimizer, config)
     state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable) if mechanism else ())
     mask = jnp.ones(args["batch_size"], jnp.float32)
@@ -142,13 +143,9 @@ def prepare_method(method, model, params, batches, args) -> dict:
     fns, state, frozen, mechanism, mask = build_step(method, model, params, args, float(args["logical"]))
     holder = {"state": state}
 
-    def one_step():
+    def one_step():  # train.train_step without the sampler: the same passes every step
         state = holder["state"]
-        summed = None
-        for batch in batches:
-            scales = mechanism.clip_scales(state.mechanism) if mechanism else None
-            part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-            summed = part if summed is None else summed + part
+        summed = train.sum_passes(fns, mechanism, state, frozen, ((batch, mask) for batch in batches))
         holder["state"] = block(fns.apply(state, summed, jnp.float32(args["logical"])))
 
     scales = mechanism.clip_scales(state.mechanism) if mechanism else None
@@ -201,22 +198,22 @@ def sst2_throughput(model, params, args) -> dict:
 
     task = data_lib.load_task("sst2", models.tokenizer(FLAGS.model), args["seq_len"])
     rng = np.random.default_rng(0)
-    buckets = train.parse_buckets(base.get_config().data.bucket_lengths)
+    buckets = parse_buckets(base.get_config().data.bucket_lengths)
     out = {}
     for label, use_buckets in (("bucketed", True), ("fixed_length", False)):
         fns, state, frozen, _, mask = build_step("dp_sgd", model, params, args, float(args["batch_size"]))
         # warm every bucket so compilation is not timed
         draws = [rng.choice(len(task.train["labels"]), args["batch_size"], replace=False) for _ in range(12)]
         lengths = [
-            train.bucket_length(task.train["lengths"][d], buckets, args["seq_len"]) if use_buckets else args["seq_len"]
+            bucket_length(task.train["lengths"][d], buckets, args["seq_len"]) if use_buckets else args["seq_len"]
             for d in draws
         ]
         for length in sorted(set(lengths)):
-            batch = train.take_batch(task.train, draws[0], length)
+            batch = take_batch(task.train, draws[0], length)
             block(fns.accumulate(state.trainable, frozen, None, batch, mask))
         t0 = time.perf_counter()
         for d, length in zip(draws, lengths):
-            block(fns.accumulate(state.trainable, frozen, None, train.take_batch(task.train, d, length), mask))
+            block(fns.accumulate(state.trainable, frozen, None, take_batch(task.train, d, length), mask))
         elapsed = time.perf_counter() - t0
         out[label] = {"examples_per_s": len(draws) * args["batch_size"] / elapsed, "lengths": sorted(set(lengths))}
     return out

@@ -36,7 +36,7 @@ def worst_case(summary: dict) -> tuple[float, float]:
     num_labels = tasks.get_task(summary["task"]).num_labels
     _, params = train.build_model(config, num_labels)
     trainable, _ = models.partition(params, config.model.finetune)
-    mechanism = train._mechanism(config, noise_multiplier=summary["noise_multiplier"],
+    mechanism = train.mechanism_from_config(config, noise_multiplier=summary["noise_multiplier"],
                                  expected_batch_size=summary["expected_batch_size"])
     s_min = mechanism.worst_case_scale(trainable)
     ledger = accounting.PrivacyLedger(config.privacy.accountant, reference_noise_multiplier=summary["noise_multiplier"])

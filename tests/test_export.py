@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import launching
 import numpy as np
 import pytest
 
@@ -16,19 +17,9 @@ from anadp import export, inference, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-MAX_LENGTH = 32
+MAX_LENGTH = 32  # launching.TINY's data.max_length
 
-# As in tests/test_train.py: a 2-step run of a tiny random BERT on rotten_tomatoes.
-TINY = [
-    "--config.model.name=tiny-bert",
-    f"--config.data.max_length={MAX_LENGTH}",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-    "--config.train.steps=2",
-]
+# A 2-step run of the tests' tiny random BERT (tests/launching.py; max_length 32).
 # noise_multiplier fixed: calibrating it to an epsilon is slow and not under test here.
 RUN_FLAGS = {
     "cls": ["--config.model.finetune=full", "--config.privacy.method=dp_sgd", "--config.privacy.noise_multiplier=1.0"],
@@ -45,15 +36,8 @@ TEXTS = [
 ]
 
 
-def _env(extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.update(extra or {})
-    return env
-
-
 def launch(workdir, *flags, env_extra=None):
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}", *TINY, *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(env_extra), capture_output=True, text=True, timeout=900)
+    return launching.launch(workdir, "--config.train.steps=2", *flags, env_extra=env_extra)
 
 
 @pytest.fixture(scope="module")
@@ -271,9 +255,9 @@ def test_export_reloads_with_our_loader_to_the_same_logits(trained, exported, ki
 
 def _secret_forms(workdir):
     """Text and byte forms in which the run's noise keys or sampler seed could appear in a file."""
-    from anadp import train
+    from anadp.checkpoint import load_checkpoint
 
-    checkpoint = train.load_checkpoint(str(workdir))
+    checkpoint = load_checkpoint(str(workdir))
     secrets = checkpoint["run"]["secrets"]
     keys = [[int(x) for x in secrets["noise_key"]]]
     mechanism = checkpoint["state"]["mechanism"]
@@ -340,7 +324,7 @@ def test_predict_cli_writes_the_rows_with_probabilities(trained, exported, tmp_p
     out = tmp_path / "predicted.csv"
     result = subprocess.run(
         [sys.executable, "-m", "anadp.predict", f"--workdir={trained('cls')}", f"--input={path}", f"--output={out}"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=launching.launch_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     back, columns = predict.read_rows(str(out), "csv")
     assert columns == ["id", "text", "note", "prediction", "prob_negative", "prob_positive"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import anadp.models as M
-from anadp import allocation, clipping, ghost, train
+from anadp import _validate, allocation, clipping, ghost, train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-5
@@ -228,13 +228,13 @@ def test_training_step_with_ghost_engine_equals_vmap_engine():
     batch = tiny_batch("roberta", rows=4, length=8)
     mask = jnp.asarray([1.0, 0.0, 1.0, 1.0])
     out = {}
-    for engine in train.CLIPPING_ENGINES:
+    for engine in _validate.CLIPPING_ENGINES:
         config = base.get_config()
         config.privacy.importance = "private_profile"
         config.privacy.l2_norm_clip = 0.05
         config.train.microbatch_size = 2
         config.train.clipping_engine = engine
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=4.0)
+        mechanism = train.mechanism_from_config(config, noise_multiplier=1.0, expected_batch_size=4.0)
         fns = train.make_step_functions(model, mechanism, train.make_optimizer(config.train, 10), config)
         scales = jax.tree_util.tree_map(lambda x: jnp.float32(0.5 + np.size(x) % 3), trainable)
         args = (trainable, frozen, scales, batch, mask)
@@ -326,7 +326,7 @@ def test_contractions_run_at_full_float32(kernel_norm):
     trainable, frozen = M.partition(params, "full")
     batch = tiny_batch("bert", rows=4, length=8)
     groups = allocation.make_groups(trainable, "array")
-    leaf_paths = [tuple(ghost._key(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
+    leaf_paths = allocation.leaf_paths(trainable)
 
     def engine(trainable, frozen, batch):
         scales = jax.tree_util.tree_map(lambda _: jnp.float32(1.5), trainable)
@@ -403,13 +403,13 @@ def test_training_step_passes_the_clip_fn(monkeypatch):
 
     monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
     monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)
-    for engine in train.CLIPPING_ENGINES:
+    for engine in _validate.CLIPPING_ENGINES:
         config = base.get_config()
         config.privacy.clip_fn = "automatic"
         config.privacy.automatic_r = 0.125
         config.train.clipping_engine = engine
         train.validate_config(config)
-        mechanism = train._mechanism(config, noise_multiplier=1.0, expected_batch_size=4.0)
+        mechanism = train.mechanism_from_config(config, noise_multiplier=1.0, expected_batch_size=4.0)
         assert (mechanism.clip_fn, mechanism.automatic_r) == ("automatic", 0.125)
         fns = train.make_step_functions(model, mechanism, train.make_optimizer(config.train, 10), config)
         jax.eval_shape(fns.accumulate, trainable, frozen, trainable, batch, jnp.ones(4))

@@ -15,17 +15,16 @@ Tolerances (measured on a CPU with tiny random models; see each test):
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from launching import launch
 
 import anadp.models as M
-from anadp import clipping, ghost, train
+from anadp import checkpoint, clipping, ghost, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -299,22 +298,6 @@ def test_ghost_equals_vmap_in_bfloat16(kind, finetune, mode, microbatch_size, us
 
 # --- (d) end to end ------------------------------------------------------------
 
-TINY = [
-    "--config.model.name=tiny-bert",
-    "--config.data.max_length=32",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-]
-
-
-def launch(workdir, *flags, env_extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.update(env_extra or {})
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}", *TINY, *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_bfloat16_training_runs_end_to_end(tmp_path):
@@ -327,7 +310,7 @@ def test_bfloat16_training_runs_end_to_end(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["config"]["train"]["dtype"] == "bfloat16" and summary["steps"] == 2
     assert np.isfinite(summary["eval"]["loss"]) and 0.0 <= summary["eval"]["accuracy"] <= 1.0
-    state = train.load_checkpoint(str(workdir))["state"]
+    state = checkpoint.load_checkpoint(str(workdir))["state"]
     floats = [x for x in jax.tree_util.tree_leaves(state["trainable"]) if np.issubdtype(np.asarray(x).dtype,
                                                                                          np.floating)]
     assert floats and all(np.asarray(x).dtype == np.float32 for x in floats)

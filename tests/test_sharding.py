@@ -83,22 +83,17 @@ WORKER = textwrap.dedent(
             fns.accumulate = accumulate
         state = train.TrainState(trainable, optimizer.init(trainable), mechanism.init(trainable))
         state, frozen_r = sharding.replicate(state), sharding.replicate(frozen)
+        # The loop's own step; no buckets: every pass has `length` tokens.
+        inputs = train.StepInputs(fns, mechanism, frozen_r, sampler, data, (), length, rows,
+                                  dropout_base=jax.random.PRNGKey(100) if dropout else None)
         for step in range(steps):
-            summed = None
-            for p, batch_rows in enumerate(sampler.batches(step)):
-                keys = np.asarray(jax.random.split(jax.random.PRNGKey(100 * step + p), physical))
-                def load(ids, idx=batch_rows.indices, keys=keys):
-                    b = train.take_batch(data, idx[ids], length)
-                    if dropout:
-                        b["dropout_key"] = keys[ids]
-                    return b
-                batch, mask = sharding.put_batch(load, batch_rows.mask, rows)
-                if name == "dp_sgd":
+            if name == "dp_sgd":
+                for batch_rows, batch, mask in train.device_passes(inputs, step):
                     checks["realised"].append(batch_rows.num_real)
                     checks.setdefault("batch_sharded", str(mask.sharding) if n_dev > 1 else "")
-                part = fns.accumulate(state.trainable, frozen_r, mechanism.clip_scales(state.mechanism), batch, mask)
-                summed = part if summed is None else summed + part
-            state = fns.apply(state, summed, sharding.replicate(np.float32(0)))
+            state, _ = train.train_step(inputs, state, step)
+        summed = train.sum_passes(fns, mechanism, state, frozen_r,
+                                  ((b, m) for _, b, m in train.device_passes(inputs, steps)))
         checks["shards_equal"][name] = shards_equal(state)
         for i, leaf in enumerate(jax.tree_util.tree_leaves(state.trainable)):
             out[f"{name}/param{i}"] = np.asarray(leaf)
@@ -267,7 +262,7 @@ def test_two_processes_match_one_process(launched, tmp_path):
 
     import jax
 
-    from anadp import train
+    from anadp import checkpoint
 
     reference, cache, *_ = launched
     with socket.socket() as sock:
@@ -281,8 +276,8 @@ def test_two_processes_match_one_process(launched, tmp_path):
         assert p.returncode == 0, out[-3000:] + err[-5000:]
     assert "in 2 process(es)" in outputs[0][1] and "dev accuracy" in outputs[0][0]
     assert "dev accuracy" not in outputs[1][0]  # only process 0 reports
-    a = train.load_checkpoint(str(reference))["state"]
-    b = train.load_checkpoint(str(workdir))["state"]
+    a = checkpoint.load_checkpoint(str(reference))["state"]
+    b = checkpoint.load_checkpoint(str(workdir))["state"]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     sa = json.loads((reference / "summary.json").read_text())

@@ -3,33 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = [
-    "--config.model.name=tiny-bert",
-    "--config.data.max_length=32",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-]
-
-
-def launch(workdir, *flags, env_extra=None, wait=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.update(env_extra or {})
-    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), f"--workdir={workdir}", *TINY, *flags]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+from launching import TINY, launch
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +68,9 @@ def read_tensorboard(folder) -> dict:
 
 
 def final_params(workdir):
-    from anadp import train
+    from anadp import checkpoint
 
-    state = train.load_checkpoint(str(workdir))["state"]
+    state = checkpoint.load_checkpoint(str(workdir))["state"]
     return state["trainable"], state["mechanism"]
 
 
@@ -170,9 +148,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, cache_env, rando
 
 def _secret_strings(workdir):
     """Text forms in which the run's noise key or sampler seed could appear in a file."""
-    from anadp import train
+    from anadp import checkpoint
 
-    run = train.load_checkpoint(str(workdir))["run"]  # every checkpoint holds the same secrets
+    run = checkpoint.load_checkpoint(str(workdir))["run"]  # every checkpoint holds the same secrets
     key = [int(x) for x in run["secrets"]["noise_key"]]
     seed = int(run["secrets"]["sampler_seed"], 16)
     forms = [str(seed), format(seed, "x"), str(key[0]), str(key[1]), str(key[0] << 32 | key[1])]
@@ -263,14 +241,14 @@ def test_noise_key_is_split_once_per_step_and_checkpointed(tmp_path, cache_env):
     """Every checkpoint holds a fresh key: the previous one split once per step."""
     import jax
 
-    from anadp import train
+    from anadp import checkpoint
 
     workdir = tmp_path / "keys"
     result = launch(workdir, "--config.train.steps=3", "--config.train.checkpoint_every=1",
                     "--config.privacy.method=dp_sgd", env_extra=cache_env)
     assert result.returncode == 0, result.stdout + result.stderr
-    key_2 = np.asarray(train.load_checkpoint(str(workdir), 2)["state"]["mechanism"]["noise_key"], np.uint32)
-    key_3 = np.asarray(train.load_checkpoint(str(workdir), 3)["state"]["mechanism"]["noise_key"], np.uint32)
+    key_2 = np.asarray(checkpoint.load_checkpoint(str(workdir), 2)["state"]["mechanism"]["noise_key"], np.uint32)
+    key_3 = np.asarray(checkpoint.load_checkpoint(str(workdir), 3)["state"]["mechanism"]["noise_key"], np.uint32)
     assert not np.array_equal(key_2, key_3)
     np.testing.assert_array_equal(np.asarray(jax.random.split(key_2)[0]), key_3)
 
@@ -410,10 +388,10 @@ def test_failed_runs_leave_the_workdir_as_found_and_the_corrected_command_runs(t
 
 
 def test_reading_a_workdir_without_checkpoints_creates_nothing(tmp_path):
-    from anadp import train
+    from anadp import checkpoint
 
     with pytest.raises(ValueError, match="has no checkpoint"):
-        train.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
@@ -444,13 +422,13 @@ def test_validate_config_names_the_bad_field(fields, message):
 
 
 def test_tensorboard_scalars_leave_nonprivate_keys_to_the_debug_switch():
-    from anadp import train
+    from anadp import workdir as workdir_lib
 
     record = {"step": 3, "eval": {"validation": {"accuracy": 0.5, "loss": 0.7}}, "epsilon": 1.5,
               "noise_scales": {"a": 1.0}, "importance_weight_corr": 0.25, "nonprivate/elapsed_s": 9.0}
     public = {"validation/accuracy": 0.5, "validation/loss": 0.7, "epsilon": 1.5, "importance_weight_corr": 0.25}
-    assert train.tensorboard_scalars(record) == public
-    assert train.tensorboard_scalars(record, include_nonprivate=True) == {**public, "nonprivate/elapsed_s": 9.0}
+    assert workdir_lib.tensorboard_scalars(record) == public
+    assert workdir_lib.tensorboard_scalars(record, include_nonprivate=True) == {**public, "nonprivate/elapsed_s": 9.0}
 
 
 def test_csv_run_writes_its_classes_and_macro_f1(tmp_path, cache_env):

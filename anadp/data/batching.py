@@ -1,4 +1,5 @@
-"""Fixed-shape batches from the arrays of ``load_task``."""
+"""Fixed-shape batches from the arrays of ``load_task``: the training loop's length
+buckets (``bucket_length``, ``parse_buckets``, ``take_batch``) and ``iterate_batches``."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -49,3 +50,26 @@ def iterate_batches(
         weights[:real] = 1.0
         batch["weights"] = weights
         yield batch
+
+
+def bucket_length(lengths: np.ndarray, buckets: tuple[int, ...], max_length: int) -> int:
+    """The smallest bucket that holds the longest sequence (max_length if none does)."""
+    longest = int(np.max(lengths)) if len(lengths) else 1
+    for b in buckets:
+        if longest <= b <= max_length:
+            return b
+    return max_length
+
+
+def parse_buckets(spec: str) -> tuple[int, ...]:
+    return tuple(sorted(int(x) for x in spec.split(",") if x.strip()))
+
+
+def take_batch(arrays: dict, indices: np.ndarray, length: int) -> dict:
+    """Rows `indices` of the tokenised arrays, cut to `length` tokens (right padding)."""
+    return {
+        "input_ids": arrays["input_ids"][indices, :length],
+        "attention_mask": arrays["attention_mask"][indices, :length],
+        "token_type_ids": arrays["token_type_ids"][indices, :length],
+        "labels": arrays["labels"][indices].astype(np.int32),
+    }

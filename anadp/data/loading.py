@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +50,6 @@ class TaskData:
     eval_splits: dict[str, dict[str, np.ndarray]]
     max_length: int
     cache_path: str | None = None
-
-    @property
-    def splits(self) -> dict[str, dict[str, np.ndarray]]:
-        return {"train": self.train, **self.eval_splits}
 
 
 # ----------------------------------------------------------------------------
@@ -158,7 +154,7 @@ def _raw_source(spec: TaskSpec, data_dir, source: str, files):
         logger.warning("%s: local GLUE files not found, using %s", spec.name, readers.HUB_GLUE)
         return spec, {"hub": readers.HUB_GLUE}, lambda: raw
     stamp = {"files": {split: _file_stamp(p) for split, p in tsv_files.items()}}
-    return spec, stamp, lambda: {split: readers.read_glue_tsv(spec, p) for split, p in tsv_files.items()}
+    return spec, stamp, lambda: readers.read_glue_local(spec, data_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -179,28 +175,36 @@ def _features(max_length: int):
     })
 
 
+def encode_texts(tokenizer, columns: Sequence[Sequence], max_length: int) -> dict[str, np.ndarray]:
+    """Token arrays of one or two text columns (`tokenizer(first[, second])`, str() of
+    each value, padded to `max_length` and truncated): input_ids, attention_mask and
+    token_type_ids (zeros for a tokenizer without them), int32. Training data and
+    predictions are tokenised by this alone."""
+    enc = tokenizer(
+        *[[str(t) for t in column] for column in columns],
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=True,
+        return_token_type_ids=True,
+        return_tensors="np",
+    )
+    ids = np.asarray(enc["input_ids"], np.int32)
+    types = enc.get("token_type_ids")
+    return {
+        "input_ids": ids,
+        "attention_mask": np.asarray(enc["attention_mask"], np.int32),
+        "token_type_ids": np.zeros_like(ids) if types is None else np.asarray(types, np.int32),
+    }
+
+
 def _tokenize_fn(spec: TaskSpec, tokenizer, max_length: int):
     def fn(batch):
-        texts = [[str(t) for t in batch[f]] for f in spec.text_fields]
-        enc = tokenizer(
-            *texts,
-            padding="max_length",
-            truncation=True,
-            max_length=max_length,
-            return_attention_mask=True,
-            return_token_type_ids=True,
-            return_tensors="np",
-        )
-        ids = np.asarray(enc["input_ids"], np.int32)
-        mask = np.asarray(enc["attention_mask"], np.int32)
-        types = enc.get("token_type_ids")
-        types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
+        arrays = encode_texts(tokenizer, [batch[f] for f in spec.text_fields], max_length)
         return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "token_type_ids": types,
+            **arrays,
             "labels": np.asarray(batch["label"], np.int32),
-            "lengths": mask.sum(axis=1).astype(np.int32),
+            "lengths": arrays["attention_mask"].sum(axis=1).astype(np.int32),
         }
 
     return fn

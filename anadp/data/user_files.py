@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,17 +126,24 @@ def _csv_rows(where: _Where, required: tuple[str, ...]) -> Iterator[_Row]:
             yield _Row(line, dict(zip(header, cells)), tuple(header))
 
 
+def jsonl_objects(lines: Iterable[str], error: Callable[[int, str], Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file, which must be a
+    JSON object; `error(line, message)` is the exception a bad line raises."""
+    for line, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise error(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise error(line, f"expected a JSON object, got {type(obj).__name__}")
+        yield line, obj
+
+
 def _jsonl_rows(where: _Where) -> Iterator[_Row]:
     with _open(where) as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise where.error(line, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise where.error(line, f"expected a JSON object, got {type(obj).__name__}")
+        for line, obj in jsonl_objects(f, where.error):
             yield _Row(line, obj, tuple(obj))
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anadp.allocation import key_name
+
 # Dense modules inside each transformer layer, as dotted paths relative to the
 # layer; LoRA targets match one of these exactly or as a dotted suffix.
 LAYER_DENSE_MODULES = (
@@ -110,18 +112,10 @@ def _matches(module_path: str, target: str) -> bool:
 # ----------------------------------------------------------------------------
 
 
-def _key_name(k: Any) -> str:
-    """A path entry as a string: plain str, or a jax key-path entry."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _as_path(path: Any) -> tuple[str, ...]:
     if isinstance(path, str):
         return tuple(p for p in re.split(r"[/.]", path) if p)
-    return tuple(_key_name(k) for k in path)
+    return tuple(key_name(k) for k in path)
 
 
 def layer_and_matrix(path) -> tuple[int | None, str]:
