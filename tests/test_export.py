@@ -411,3 +411,75 @@ def test_transformers_loads_the_export_to_the_same_logits(trained, exported, kin
 
         with pytest.raises(ValueError, match="trust_remote_code"):
             transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
+
+
+# --- the user's own data, end to end ------------------------------------------------------
+
+
+def _own_data(tmp_path, kind):
+    """A 3-class CSV with string labels, or a JSONL sentence-pair task: (train file, flags, input rows)."""
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "plot", "actor", "slow", "bright", "odd", "warm", "cold", "long"]
+
+    def sentence():
+        return " ".join(rng.choice(words, size=rng.integers(2, 9)))
+
+    if kind == "csv":
+        rows = [{"review": sentence(), "sentiment": ["neg", "neutral", "pos"][i % 3]} for i in range(96)]
+        path = tmp_path / "train.csv"
+        predict.write_rows(str(path), "csv", rows, ["review", "sentiment"])
+        flags = ["--config.data.task=csv", "--config.data.text_column=review", "--config.data.label_column=sentiment"]
+        inputs = [{"review": r["review"]} for r in rows[:7]]
+    else:
+        rows = [{"premise": sentence(), "hypothesis": sentence(), "label": i % 2} for i in range(96)]
+        path = tmp_path / "train.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        flags = ["--config.data.task=jsonl", "--config.data.text_column=premise",
+                 "--config.data.text_pair_column=hypothesis"]
+        inputs = [{"premise": r["premise"], "hypothesis": r["hypothesis"]} for r in rows[:7]]
+    return path, [f"--config.data.train_file={path}", *flags], inputs
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_own_data_trains_exports_and_predicts_the_same(tmp_path, cache_env, kind):
+    """Train on the user's file, export, reload the export with our own loader: the same
+    probabilities as `anadp.predict` on the trained run (and, with torch, as transformers)."""
+    path, data_flags, inputs = _own_data(tmp_path, kind)
+    workdir = tmp_path / "run"
+    result = launch(workdir, *data_flags, "--config.model.finetune=full", "--config.privacy.method=dp_sgd",
+                    "--config.privacy.noise_multiplier=1.0", env_extra=cache_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    labels = json.loads((workdir / "labels.json").read_text())
+    assert labels == (["neg", "neutral", "pos"] if kind == "csv" else ["0", "1"])
+
+    folder = tmp_path / "export"
+    assert export.main([f"--workdir={workdir}", f"--out={folder}"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(labels)}
+
+    fmt = kind
+    source = tmp_path / f"input.{fmt}"
+    predict.write_rows(str(source), fmt, inputs, list(inputs[0]))
+    out = tmp_path / f"predicted.{fmt}"
+    result = subprocess.run(
+        [sys.executable, "-m", "anadp.predict", f"--workdir={workdir}", f"--input={source}", f"--output={out}"],
+        cwd=ROOT, env=launching.launch_env(cache_env), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    back, _ = predict.read_rows(str(out), fmt)
+    probs = np.array([[float(r[f"prob_{name}"]) for name in labels] for r in back])
+
+    texts = [r[list(inputs[0])[0]] for r in inputs]
+    pairs = [r["hypothesis"] for r in inputs] if kind == "jsonl" else None
+    model, params = M.from_pretrained(folder, num_labels=len(labels))
+    logits = inference.predict_logits(model, params, M.tokenizer(folder), texts, pairs, max_length=MAX_LENGTH)
+    np.testing.assert_allclose(inference.softmax(logits), probs, atol=1e-5)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return  # the suite does not depend on torch; where it is installed, check transformers too
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(**batch).logits.numpy(), logits, atol=1e-4)
