@@ -713,6 +713,7 @@ def load_rows(roots: list[str]) -> list[dict]:
                 "gamma": priv.get("gamma", "") if anadp else "",
                 "rho": priv.get("rho", "") if anadp else "",
                 "learning_rate": s.get("config", {}).get("train", {}).get("learning_rate"),
+                "recipe": recipe_label(s.get("config", {})),
                 "target_epsilon": _none_if_missing(s.get("target_epsilon")),
                 "epsilon": s.get("epsilon"),
                 "dp_sgd_epsilon_same_sigma": s.get("dp_sgd_epsilon_same_sigma"),
@@ -745,10 +746,32 @@ def budget(row: dict) -> tuple:
     return ("sigma", float(row["noise_multiplier"]))
 
 
+# Training-recipe fields and the values every run had before they became options (issue #20):
+# a run that differs in one of them is another setting, and its label says how.
+RECIPE_DEFAULTS = {
+    "model.pooling": "cls", "model.head_init": "normal", "model.lora_rank": 8, "model.lora_targets": "query,value",
+    "privacy.l2_norm_clip": 1.0, "privacy.clip_fn": "clip", "train.schedule": "constant",
+    "train.lr_warmup_steps": 0, "train.optimizer": "adam", "train.weight_decay": 0.0, "train.dtype": "float32",
+}
+
+
+def recipe_label(config: dict) -> str:
+    """The recipe fields of a run's config that differ from RECIPE_DEFAULTS, e.g. "pooling=mean"."""
+    changed = []
+    for dotted, default in RECIPE_DEFAULTS.items():
+        group, field = dotted.split(".")
+        value = config.get(group, {}).get(field, default)
+        if value != default:
+            changed.append(f"{field}={_num(value) if isinstance(value, float) else value}")
+    return ", ".join(changed)
+
+
 def settings_label(row: dict) -> str:
+    recipe = row.get("recipe", "")
     if row["method"] != "anadp":
-        return ""
-    return f"{row['clipping']}, {row['importance']}, γ={_num(float(row['gamma']))}, ρ={_num(float(row['rho']))}"
+        return recipe
+    label = f"{row['clipping']}, {row['importance']}, γ={_num(float(row['gamma']))}, ρ={_num(float(row['rho']))}"
+    return f"{label}, {recipe}" if recipe else label
 
 
 def group_key(row: dict) -> tuple:
@@ -780,7 +803,8 @@ def _allocation_summary(members: list[dict]) -> dict:
 
 def pair_key(row: dict) -> tuple:
     """What an ANADP run is compared on with its DP-SGD partner: everything but the method, the seed included."""
-    return row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["learning_rate"], row["seed"]
+    return (row["task"], row["model"], row["finetune"], budget(row), row["steps"], row["learning_rate"],
+            row.get("recipe", ""), row["seed"])
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
