@@ -156,7 +156,7 @@ def load_trainable(workdir: str, template: Any, step: int | None = None) -> tupl
     return step, trainable
 
 
-def accounting_terms(config, noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
+def accounting_terms(noise_multiplier: float, mechanism: Mechanism, sampling_rate: float,
                      worst_case_scale: float, ledger: accounting.PrivacyLedger) -> dict:
     """Everything that decides how a step is accounted, as a resume must find it unchanged."""
     from importlib import metadata

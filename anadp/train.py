@@ -367,7 +367,7 @@ class RunAccounting:
             accounting.PrivacyLedger(p.accountant, reference_noise_multiplier=reference) if self.literal else None
         )
         self.terms = checkpoint.accounting_terms(
-            config, self.noise_multiplier, m, sampling_rate, self.worst_case_scale, self.ledger
+            self.noise_multiplier, m, sampling_rate, self.worst_case_scale, self.ledger
         ) if self.private else {}
 
     def step_multiplier(self, step: int, scales: Any = None) -> float:
