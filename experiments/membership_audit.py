@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 from anadp import accounting  # noqa: E402
 from anadp import audit_one_run as aor  # noqa: E402
 from anadp.data import get_task, read_movie_reviews  # noqa: E402
-from experiments.grid import LEARNING_RATES  # noqa: E402
+from configs.tuned import LEARNING_RATES  # noqa: E402
 
 TASK = "rotten_tomatoes"
 DEFAULT_OUT = os.path.join("experiments", "results", "membership_audit")
