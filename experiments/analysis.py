@@ -36,7 +36,7 @@ if REPO not in sys.path:
 from experiments import collect  # noqa: E402  (the collector: rows, settings, budgets)
 from experiments.cells import parse_seeds, path_for_commands, split_list  # noqa: E402
 from experiments.figures import panel_axes  # noqa: E402
-from experiments.tables import method_rank, short_number  # noqa: E402
+from experiments.formatting import method_rank, short_number  # noqa: E402
 
 
 def eval_curve(workdir: str, metric: str) -> dict[int, float]:

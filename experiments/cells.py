@@ -16,8 +16,8 @@ import shlex
 import sys
 from typing import Any
 
+from experiments.formatting import short_number
 from experiments.grids import GRIDS, Grid
-from experiments.tables import short_number
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

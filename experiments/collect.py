@@ -22,8 +22,8 @@ from collections import defaultdict
 
 from experiments import figures
 from experiments.cells import REPO, path_for_commands, plan
+from experiments.formatting import markdown_table, method_rank, plus_minus, short_number
 from experiments.grids import GRIDS
-from experiments.tables import markdown_table, method_rank, plus_minus, short_number
 
 CSV_COLUMNS = [
     "cell", "task", "model", "finetune", "method", "clipping", "importance", "gamma", "rho", "learning_rate",

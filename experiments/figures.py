@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from experiments.tables import method_rank, short_number
+from experiments.formatting import method_rank, short_number
 
 
 def _pyplot():

@@ -1,4 +1,5 @@
-"""How numbers, methods and Markdown tables are written in the experiments' outputs."""
+"""How numbers, methods and Markdown tables are written in the experiments' outputs (shared by the collector,
+its figures, analysis.py and the audits)."""
 
 from __future__ import annotations
 
