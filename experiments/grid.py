@@ -52,6 +52,11 @@ Cell names: `<task>-<finetune>-<method>[-global][-<importance>-g<gamma>-r<rho>]
 replaces `eps<target>` when privacy.noise_multiplier is set). They are built
 from the cell's effective config, so the same run has the same name in every
 grid: grids run into one shared --root reuse each other's cells.
+
+This file is the command line only: the grids are defined in
+experiments/grids.py, turned into cells by experiments/cells.py, run by
+experiments/runner.py and collected by experiments/collect.py (figures:
+experiments/figures.py).
 """
 
 from __future__ import annotations
