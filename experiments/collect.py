@@ -98,34 +98,33 @@ def grid_settings(grids: list[str]) -> set[str]:
 
 def run_row(workdir: str, summary: dict, command: str) -> dict:
     """The CSV row of one finished run (plus its recipe label, which the CSV leaves out)."""
-    s = summary
-    config = s.get("config", {})
+    config = summary.get("config", {})
     priv = config.get("privacy", {})
-    anadp = s["method"] == "anadp"
-    metric = s.get("main_metric", "accuracy")
+    anadp = summary["method"] == "anadp"
+    metric = summary.get("main_metric", "accuracy")
     return {
         "cell": os.path.basename(os.path.normpath(workdir)),
-        "task": s["task"],
-        "model": s.get("model", ""),
-        "finetune": s["finetune"],
-        "method": s["method"],
-        "clipping": s.get("clipping") or "",
+        "task": summary["task"],
+        "model": summary.get("model", ""),
+        "finetune": summary["finetune"],
+        "method": summary["method"],
+        "clipping": summary.get("clipping") or "",
         "importance": priv.get("importance", "") if anadp else "",
         "gamma": priv.get("gamma", "") if anadp else "",
         "rho": priv.get("rho", "") if anadp else "",
         "learning_rate": config.get("train", {}).get("learning_rate"),
         "recipe": recipe_label(config),
         # a missing target (non-private) may be stored as "" or None
-        "target_epsilon": None if s.get("target_epsilon") in (None, "") else s["target_epsilon"],
-        "epsilon": s.get("epsilon"),
-        "dp_sgd_epsilon_same_sigma": s.get("dp_sgd_epsilon_same_sigma"),
-        "noise_multiplier": s.get("noise_multiplier"),
-        "seed": s.get("seed"),
+        "target_epsilon": None if summary.get("target_epsilon") in (None, "") else summary["target_epsilon"],
+        "epsilon": summary.get("epsilon"),
+        "dp_sgd_epsilon_same_sigma": summary.get("dp_sgd_epsilon_same_sigma"),
+        "noise_multiplier": summary.get("noise_multiplier"),
+        "seed": summary.get("seed"),
         "main_metric": metric,
-        "main_metric_value": s["eval"][metric],
+        "main_metric_value": summary["eval"][metric],
         **(last_allocation(workdir) if anadp else NO_ALLOCATION),
-        "steps": s.get("steps"),
-        "wall_time_s": s.get("nonprivate/wall_time_s", s.get("wall_time_s")),
+        "steps": summary.get("steps"),
+        "wall_time_s": summary.get("nonprivate/wall_time_s", summary.get("wall_time_s")),
         "command": command,
         "workdir": workdir,
     }
