@@ -81,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.optimizer = "adam"  # adam | adamw | sgd
     # Tuned for LoRA / bias under DP (Adam): on Rotten Tomatoes at epsilon 3, DP-SGD
     # stays at the majority class for 90 steps with 5e-4 to 5e-3 and learns with 1e-2.
-    # Full fine-tuning wants far less (around 1e-4): set it with the finetune mode.
+    # Full fine-tuning wants far less (around 1e-4): set it with the finetune mode
+    # (configs/tuned.py: the rates the grids pass, per fine-tuning mode and method).
     config.train.learning_rate = 1e-2
     config.train.schedule = "constant"  # constant | linear | cosine
     config.train.lr_warmup_steps = 0

@@ -29,8 +29,14 @@ import os
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import grid  # noqa: E402  (the collector: rows, settings, budgets)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from experiments import collect  # noqa: E402  (the collector: rows, settings, budgets)
+from experiments.cells import parse_seeds, path_for_commands, split_list  # noqa: E402
+from experiments.figures import panel_axes  # noqa: E402
+from experiments.formatting import method_rank, short_number  # noqa: E402
 
 
 def eval_curve(workdir: str, metric: str) -> dict[int, float]:
@@ -50,34 +56,34 @@ def eval_curve(workdir: str, metric: str) -> dict[int, float]:
 
 def _setting_label(key: tuple) -> str:
     task, _, finetune, method, settings, budget, steps, lr = key
-    target = f"ε={grid._num(budget[1])}" if budget and budget[0] == "eps" else (
-        f"σ={grid._num(budget[1])}" if budget else "non-private")
+    target = f"ε={short_number(budget[1])}" if budget and budget[0] == "eps" else (
+        f"σ={short_number(budget[1])}" if budget else "non-private")
     return (f"{task} / {finetune} / {target}: {method}" + (f" ({settings})" if settings else "")
-            + (f", lr {grid._num(lr)}" if lr else ""))
+            + (f", lr {short_number(lr)}" if lr else ""))
 
 
 def by_step(rows: list[dict]) -> dict:
     """Per setting: the mean and sd over seeds at each evaluation step; for ANADP, the paired
     difference to DP-SGD at each step. Steps missing from a run are left out of that step's mean."""
     curves = {id(r): eval_curve(r["workdir"], r["main_metric"]) for r in rows}
-    partners = {grid.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
+    partners = {collect.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
     out: dict[tuple, dict] = {}
     members: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        members[grid.group_key(r)].append(r)
+        members[collect.group_key(r)].append(r)
     for key, runs in members.items():
         steps = sorted({s for r in runs for s in curves[id(r)]})
-        level = {s: grid._mean_sd([curves[id(r)][s] for r in runs if s in curves[id(r)]]) for s in steps}
+        level = {s: collect.mean_sd([curves[id(r)][s] for r in runs if s in curves[id(r)]]) for s in steps}
         diff = {}
         if key[3] == "anadp":
             for s in steps:
                 values = []
                 for r in runs:
-                    partner = partners.get(grid.pair_key(r))
+                    partner = partners.get(collect.pair_key(r))
                     if partner is not None and s in curves[id(r)] and s in curves[id(partner)]:
                         values.append(curves[id(r)][s] - curves[id(partner)][s])
                 if values:
-                    diff[s] = (*grid._mean_sd(values), len(values))
+                    diff[s] = (*collect.mean_sd(values), len(values))
         out[key] = {"steps": steps, "level": level, "diff": diff, "n": len(runs)}
     return out
 
@@ -92,16 +98,16 @@ def _spearman(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def allocation_spread(rows: list[dict]) -> dict | None:
     """Spearman(max/min final noise scale, ANADP − DP-SGD) over the ANADP runs with gamma != 0 and a
     DP-SGD partner; None when they come from fewer than 3 settings."""
-    partners = {grid.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
+    partners = {collect.pair_key(r): r for r in rows if r["method"] == "dp_sgd"}
     points = []
     for r in rows:
         if r["method"] != "anadp" or not r["noise_scale_min"] or float(r["gamma"]) == 0:
             continue
-        partner = partners.get(grid.pair_key(r))
+        partner = partners.get(collect.pair_key(r))
         if partner is not None:
             ratio = float(r["noise_scale_max"]) / float(r["noise_scale_min"])
             points.append((ratio, float(r["main_metric_value"]) - float(partner["main_metric_value"]),
-                           grid.settings_label(r), r["cell"]))
+                           collect.settings_label(r), r["cell"]))
     if len({setting for _, _, setting, _ in points}) < 3:
         return None  # with one or two settings this compares settings, not spreads
     rho, p = _spearman([x for x, *_ in points], [y for _, y, *_ in points])
@@ -116,7 +122,7 @@ def markdown(curves: dict, spread: dict | None, command: str) -> str:
     lines = [f"Made by `{command}`.", "",
              "Dev metric (×100) at each evaluation step, mean ± sd over seeds; for ANADP, the difference to "
              "DP-SGD paired on the seed at the same step (mean ± sd over pairs, number of pairs).", ""]
-    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], k[7], grid.METHOD_ORDER.get(k[3], 9), k[4]))
+    keys = sorted(curves, key=lambda k: (k[0], k[2], k[5], k[7], method_rank(k[3]), k[4]))
     steps = sorted({s for k in keys for s in curves[k]["steps"]})
     lines.append("| setting | seeds | " + " | ".join(f"step {s}" for s in steps) + " |")
     lines.append("|---|---|" + "---|" * len(steps))
@@ -154,10 +160,10 @@ def plot(curves: dict, path: str) -> None:
     settings = sorted({(k[3], k[4]) for k in curves if k[3] not in ("non_private", "dp_sgd")})
     colors = {s: palette[i % len(palette)] for i, s in enumerate(settings)}  # one colour per setting everywhere
     crowded = max(len(v) for v in panels.values()) > 8  # a sweep: one panel per row, legend beside it
-    fig, axes = grid.panel_axes(plt, len(keys), 1 if crowded else min(3, len(keys)), (5.6, 4.0))
+    fig, axes = panel_axes(plt, len(keys), 1 if crowded else min(3, len(keys)), (5.6, 4.0))
     for ax, panel in zip(axes.flat, keys):
         task, finetune, budget, steps, lr = panel
-        for k in sorted(panels[panel], key=lambda k: (grid.METHOD_ORDER.get(k[3], 9), k[4])):
+        for k in sorted(panels[panel], key=lambda k: (method_rank(k[3]), k[4])):
             c = curves[k]
             xs = [s for s in c["steps"] if s in c["level"]]
             means = [c["level"][s][0] for s in xs]
@@ -168,8 +174,8 @@ def plot(curves: dict, path: str) -> None:
             line, = ax.plot(xs, means, marker="o", ms=3, label=label, **style)
             ax.fill_between(xs, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)],
                             color=line.get_color(), alpha=0.15)
-        target = f"ε={grid._num(budget[1])}" if budget[0] == "eps" else f"σ={grid._num(budget[1])}"
-        ax.set_title(f"{task} / {finetune}, {target}" + (f", lr {grid._num(lr)}" if lr else ""), fontsize=10)
+        target = f"ε={short_number(budget[1])}" if budget[0] == "eps" else f"σ={short_number(budget[1])}"
+        ax.set_title(f"{task} / {finetune}, {target}" + (f", lr {short_number(lr)}" if lr else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("dev metric (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
@@ -192,21 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="keep only these seeds (comma-separated)")
     p.add_argument("--out", required=True, help="output prefix: writes <out>_by_step.md and .png")
     args = p.parse_args(argv)
-    roots = [os.path.abspath(r) for r in grid._split_list(args.root)]
+    roots = [os.path.abspath(r) for r in split_list(args.root)]
     missing = [r for r in roots if not os.path.isdir(r)]
     if missing:
         print(f"error: no such root: {', '.join(missing)}", file=sys.stderr)
         return 2
-    rows = grid.load_rows(roots)
-    grids = grid._split_list(args.grid)
+    rows = collect.load_rows(roots)
+    grids = split_list(args.grid)
     if grids:
         try:
-            wanted = grid.grid_settings(grids)
+            wanted = collect.grid_settings(grids)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        rows = [r for r in rows if grid.setting_name(r["cell"]) in wanted]
-    seeds = grid.parse_seeds(args.seeds)
+        rows = [r for r in rows if collect.setting_name(r["cell"]) in wanted]
+    seeds = parse_seeds(args.seeds)
     if seeds is not None:
         rows = [r for r in rows if r["seed"] in seeds]
     if not rows:
@@ -215,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     curves = by_step(rows)
     spread = allocation_spread(rows)
     command = "python experiments/analysis.py " + " ".join(
-        [f"--root={grid._root_for_commands(r)}" for r in roots] + [f"--grid={g}" for g in grids]
+        [f"--root={path_for_commands(r)}" for r in roots] + [f"--grid={g}" for g in grids]
         + ([f"--seeds={args.seeds}"] if seeds is not None else [])
-        + [f"--out={grid._root_for_commands(os.path.abspath(args.out))}"])
+        + [f"--out={path_for_commands(os.path.abspath(args.out))}"])
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + "_by_step.md", "w") as f:

@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from anadp import accounting, allocation, audit  # noqa: E402
+from experiments.formatting import markdown_table  # noqa: E402
 
 MECHANISMS = (
     # name, label, clipping, uses the skewed allocation
@@ -125,113 +126,112 @@ def fmt_eps(x, digits=2):
     return f"{x:.{digits}f}"
 
 
+def _canary_run(args, setting, clipping, sizes, scales, canary_group) -> audit.CanaryRun:
+    return audit.CanaryRun(
+        clipping=clipping,
+        group_sizes=sizes,
+        group_scales=scales,
+        noise_multiplier=setting["noise_multiplier"],
+        sampling_rate=setting["sampling_rate"],
+        steps=setting["steps"],
+        l2_norm_clip=args.l2_norm_clip,
+        canary_group=canary_group,
+        num_background=args.num_background,
+        background=args.background,
+        background_seed=args.seed,
+    )
+
+
+def _gaussian_columns(args, outcome, steps, z_eff, full_batch) -> dict:
+    """The Gaussian-DP view of a full-batch run (all None under Poisson sampling): its steps compose
+    exactly, so the accounted mu, its epsilon, the mu the scores show, and the largest bound these
+    run counts could certify against a mechanism exactly as accounted are all defined."""
+    if not full_batch:
+        return dict(gaussian_dp_epsilon=None, mu_estimate=None, accounted_mu=None,
+                    attainable_epsilon_lower_bound=None)
+    r = outcome.result
+    mu = math.sqrt(steps) / z_eff
+    return dict(
+        gaussian_dp_epsilon=audit.gaussian_dp_epsilon(mu, args.delta),
+        mu_estimate=audit.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in),
+        accounted_mu=mu,
+        attainable_epsilon_lower_bound=(
+            audit.attainable_gaussian_bound(mu, r.num_negatives, delta=args.delta, confidence=args.confidence)
+            if r.num_negatives == r.num_positives
+            else None
+        ),
+    )
+
+
+def audit_mechanism(args, setting, mechanism, sizes, skewed, audit_seed, dpsgd_claim, dpsgd_claim_s) -> dict:
+    """One row of the table: a mechanism's ledger epsilon and audited lower bound in one setting."""
+    name, label, clipping, uses_allocation = mechanism
+    sigma, q, steps = setting["noise_multiplier"], setting["sampling_rate"], setting["steps"]
+    scales = skewed if uses_allocation else None
+    t0 = time.time()
+    ledger_eps, z_eff = ledger_epsilon(sigma, scales if scales else (1.0, 1.0), clipping, q, steps, args.delta)
+    # DP-SGD's own ledger is its claim: the claim's accounting time counts as its row's.
+    accounting_s = time.time() - t0 + (dpsgd_claim_s if name == "dpsgd" else 0.0)
+    canary_run = _canary_run(args, setting, clipping, sizes, scales, int(np.argmin(skewed)))
+    t0 = time.time()
+    outcome = audit.run_audit(canary_run, num_trials=setting["trials"], seed=audit_seed, delta=args.delta,
+                              confidence=args.confidence, chunk_size=args.chunk_size)
+    audit_s = time.time() - t0
+    r = outcome.result
+    gaussian = _gaussian_columns(args, outcome, steps, z_eff, full_batch=q >= 1.0)
+    gaussian_dp_eps = gaussian.pop("gaussian_dp_epsilon")  # its column comes before the others'
+    return dict(
+        setting=setting["setting"], mechanism=name, label=label, clipping=clipping,
+        scale_large=(scales or (1.0, 1.0))[0], scale_small=(scales or (1.0, 1.0))[1], canary_group="small",
+        noise_multiplier=sigma, effective_noise_multiplier=z_eff, sampling_rate=q, steps=steps,
+        delta=args.delta, confidence=args.confidence, trials_per_hypothesis=setting["trials"],
+        eval_trials_absent=r.num_negatives, eval_trials_present=r.num_positives,
+        dpsgd_claimed_epsilon=dpsgd_claim, ledger_epsilon=ledger_eps,
+        gaussian_dp_epsilon=gaussian_dp_eps,
+        epsilon_lower_bound=r.epsilon_lower_bound, epsilon_ceiling=r.epsilon_ceiling,
+        epsilon_estimate=r.epsilon_estimate, threshold=r.threshold,
+        false_positives=r.false_positives, false_negatives=r.false_negatives,
+        fpr_upper=r.fpr_upper, fnr_upper=r.fnr_upper, signal_per_step=outcome.signal_per_step,
+        **gaussian,  # mu_estimate, accounted_mu, attainable_epsilon_lower_bound
+        bound_below_ledger=bool(r.epsilon_lower_bound <= ledger_eps),
+        bound_above_dpsgd_claim=bool(r.epsilon_lower_bound > dpsgd_claim),
+        audit_seed=audit_seed, audit_seconds=audit_s, accounting_seconds=accounting_s,
+    )
+
+
+def _print_row(row: dict) -> None:
+    print(
+        f"{row['setting']:>10} {row['mechanism']:>17}: eps_lb {row['epsilon_lower_bound']:.3f} "
+        f"(ceiling {row['epsilon_ceiling']:.2f}, FP {row['false_positives']}/{row['eval_trials_absent']}, "
+        f"FN {row['false_negatives']}/{row['eval_trials_present']}) | ledger {row['ledger_epsilon']:.3f} | "
+        f"DP-SGD claim {row['dpsgd_claimed_epsilon']:.3f} | audit {row['audit_seconds']:.1f} s, "
+        f"accounting {row['accounting_seconds']:.1f} s",
+        flush=True,
+    )
+
+
 def run(args):
     sizes = tuple(int(d) for d in args.group_sizes.split(","))
     if len(sizes) != 2:
         raise ValueError(f"--group_sizes={args.group_sizes} must name two groups (large,small)")
     skewed = skewed_allocation(sizes, args.importance_ratio)
-    canary_group = int(np.argmin(skewed))
     rows = []
-    row_index = 0
     for setting in settings(args):
-        sigma, q, steps = setting["noise_multiplier"], setting["sampling_rate"], setting["steps"]
         t0 = time.time()
-        dpsgd_claim = accounting.compute_epsilon(sigma, q, steps, args.delta)
+        dpsgd_claim = accounting.compute_epsilon(setting["noise_multiplier"], setting["sampling_rate"],
+                                                 setting["steps"], args.delta)
         dpsgd_claim_s = time.time() - t0
-        for name, label, clipping, uses_allocation in MECHANISMS:
-            scales = skewed if uses_allocation else None
-            t0 = time.time()
-            ledger_eps, z_eff = ledger_epsilon(sigma, scales if scales else (1.0, 1.0), clipping, q, steps, args.delta)
-            accounting_s = time.time() - t0 + (dpsgd_claim_s if name == "dpsgd" else 0.0)
-            canary_run = audit.CanaryRun(
-                clipping=clipping,
-                group_sizes=sizes,
-                group_scales=scales,
-                noise_multiplier=sigma,
-                sampling_rate=q,
-                steps=steps,
-                l2_norm_clip=args.l2_norm_clip,
-                canary_group=canary_group,
-                num_background=args.num_background,
-                background=args.background,
-                background_seed=args.seed,
-            )
-            audit_seed = args.seed + 1 + row_index
-            t0 = time.time()
-            outcome = audit.run_audit(
-                canary_run,
-                num_trials=setting["trials"],
-                seed=audit_seed,
-                delta=args.delta,
-                confidence=args.confidence,
-                chunk_size=args.chunk_size,
-            )
-            audit_s = time.time() - t0
-            r = outcome.result
-            full_batch = q >= 1.0
-            mu_hat = audit.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in) if full_batch else None
-            row = dict(
-                setting=setting["setting"],
-                mechanism=name,
-                label=label,
-                clipping=clipping,
-                scale_large=(scales or (1.0, 1.0))[0],
-                scale_small=(scales or (1.0, 1.0))[1],
-                canary_group="small",
-                noise_multiplier=sigma,
-                effective_noise_multiplier=z_eff,
-                sampling_rate=q,
-                steps=steps,
-                delta=args.delta,
-                confidence=args.confidence,
-                trials_per_hypothesis=setting["trials"],
-                eval_trials_absent=r.num_negatives,
-                eval_trials_present=r.num_positives,
-                dpsgd_claimed_epsilon=dpsgd_claim,
-                ledger_epsilon=ledger_eps,
-                gaussian_dp_epsilon=(
-                    audit.gaussian_dp_epsilon(math.sqrt(steps) / z_eff, args.delta) if full_batch else None
-                ),
-                epsilon_lower_bound=r.epsilon_lower_bound,
-                epsilon_ceiling=r.epsilon_ceiling,
-                epsilon_estimate=r.epsilon_estimate,
-                threshold=r.threshold,
-                false_positives=r.false_positives,
-                false_negatives=r.false_negatives,
-                fpr_upper=r.fpr_upper,
-                fnr_upper=r.fnr_upper,
-                signal_per_step=outcome.signal_per_step,
-                mu_estimate=mu_hat,
-                accounted_mu=math.sqrt(steps) / z_eff if full_batch else None,
-                attainable_epsilon_lower_bound=(
-                    audit.attainable_gaussian_bound(
-                        math.sqrt(steps) / z_eff, r.num_negatives, delta=args.delta, confidence=args.confidence
-                    )
-                    if full_batch and r.num_negatives == r.num_positives
-                    else None
-                ),
-                bound_below_ledger=bool(r.epsilon_lower_bound <= ledger_eps),
-                bound_above_dpsgd_claim=bool(r.epsilon_lower_bound > dpsgd_claim),
-                audit_seed=audit_seed,
-                audit_seconds=audit_s,
-                accounting_seconds=accounting_s,
-            )
-            rows.append(row)
-            row_index += 1
-            print(
-                f"{row['setting']:>10} {name:>17}: eps_lb {r.epsilon_lower_bound:.3f} "
-                f"(ceiling {r.epsilon_ceiling:.2f}, FP {r.false_positives}/{r.num_negatives}, "
-                f"FN {r.false_negatives}/{r.num_positives}) | ledger {ledger_eps:.3f} | "
-                f"DP-SGD claim {dpsgd_claim:.3f} | audit {audit_s:.1f} s, accounting {accounting_s:.1f} s",
-                flush=True,
-            )
+        for mechanism in MECHANISMS:
+            audit_seed = args.seed + 1 + len(rows)  # one key per row
+            rows.append(audit_mechanism(args, setting, mechanism, sizes, skewed, audit_seed, dpsgd_claim,
+                                        dpsgd_claim_s))
+            _print_row(rows[-1])
     return dict(sizes=sizes, skewed=skewed, rows=rows)
 
 
-def markdown(args, out, command, wall_s):
-    sizes, skewed, rows = out["sizes"], out["skewed"], out["rows"]
-    conf = int(round(100 * args.confidence))
-    lines = [
+def _method_text(args, sizes, skewed, conf) -> list[str]:
+    """What is audited and how: the canary, the auditor, the allocation."""
+    return [
         "## Privacy audit",
         "",
         "An accountant states what a mechanism promises; an audit measures a lower bound on what "
@@ -252,27 +252,34 @@ def markdown(args, out, command, wall_s):
         f"coordinates. delta = {args.delta:g}, C = {args.l2_norm_clip:g}. The effective multiplier is the one "
         "the ledger composes: sigma for DP-SGD and elliptical clipping, sigma * min_k s_k for global clipping.",
         "",
-        f"| setting | mechanism | sigma / effective multiplier | DP-SGD would claim eps | "
-        f"its ledger reports eps | audit: eps >= ({conf}%) | ceiling | FP / FN (of n) | bound vs ledger | "
-        "bound vs DP-SGD claim |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+
+def _table(rows, conf) -> list[str]:
+    header = ["setting", "mechanism", "sigma / effective multiplier", "DP-SGD would claim eps",
+              "its ledger reports eps", f"audit: eps >= ({conf}%)", "ceiling", "FP / FN (of n)", "bound vs ledger",
+              "bound vs DP-SGD claim"]
+    cells = []
     for r in rows:
         setting = (
             f"full batch (q = 1), T = {r['steps']}"
             if r["sampling_rate"] >= 1.0
             else f"Poisson q = {r['sampling_rate']:g}, T = {r['steps']}"
         )
-        lines.append(
-            f"| {setting} | {r['label']} | {r['noise_multiplier']:g} / {r['effective_noise_multiplier']:.3g} | "
-            f"{fmt_eps(r['dpsgd_claimed_epsilon'])} | {fmt_eps(r['ledger_epsilon'])} | "
-            f"**{fmt_eps(r['epsilon_lower_bound'])}** | {fmt_eps(r['epsilon_ceiling'])} | "
-            f"{r['false_positives']} / {r['false_negatives']} (of {r['eval_trials_absent']}) | "
-            f"{'below' if r['bound_below_ledger'] else '**ABOVE**'} | "
-            f"{'**above**' if r['bound_above_dpsgd_claim'] else 'below'} |"
-        )
-    by = {(r["setting"], r["mechanism"]): r for r in rows}
-    lines += [""]
+        cells.append([
+            setting, r["label"], f"{r['noise_multiplier']:g} / {r['effective_noise_multiplier']:.3g}",
+            fmt_eps(r["dpsgd_claimed_epsilon"]), fmt_eps(r["ledger_epsilon"]),
+            f"**{fmt_eps(r['epsilon_lower_bound'])}**", fmt_eps(r["epsilon_ceiling"]),
+            f"{r['false_positives']} / {r['false_negatives']} (of {r['eval_trials_absent']})",
+            "below" if r["bound_below_ledger"] else "**ABOVE**",
+            "**above**" if r["bound_above_dpsgd_claim"] else "below",
+        ])
+    return markdown_table(header, cells)
+
+
+def _ledger_findings(by) -> list[str]:
+    """Each mechanism's bound against the epsilon its ledger reports, and the global variant against DP-SGD's."""
+    lines = []
     for setting in ("full_batch", "poisson"):
         g = by.get((setting, "anadp_global"))
         if g is None:
@@ -298,6 +305,12 @@ def markdown(args, out, command, wall_s):
         + ("below" if ok else "NOT below")
         + " the epsilon the ledger reports (the audit finds no violation)."
     )
+    return lines
+
+
+def _gap_findings(rows, by) -> list[str]:
+    """Why the bounds of the sound mechanisms stay below their claims: rare runs, finite samples."""
+    lines = []
     pois = [by[("poisson", m)] for m in ("dpsgd", "anadp_elliptical") if ("poisson", m) in by]
     if pois:
         lines.append(
@@ -324,6 +337,16 @@ def markdown(args, out, command, wall_s):
             + ". The gap between a measured bound and the ledger is mostly this finite-sample cap, not slack "
             "in the accounting."
         )
+    return lines
+
+
+def markdown(args, out, command, wall_s):
+    """The README snippet: method, table, findings, and how to reproduce it."""
+    sizes, skewed, rows = out["sizes"], out["skewed"], out["rows"]
+    conf = int(round(100 * args.confidence))
+    by = {(r["setting"], r["mechanism"]): r for r in rows}
+    lines = _method_text(args, sizes, skewed, conf) + _table(rows, conf) + [""]
+    lines += _ledger_findings(by) + _gap_findings(rows, by)
     lines += [
         "",
         f"Runs per hypothesis: {rows[0]['trials_per_hypothesis']} (full batch), "

@@ -44,13 +44,10 @@ and tests the bound against it; R = 1 (the default) is the run's own claim.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -64,10 +61,10 @@ import numpy as np  # noqa: E402
 
 from anadp import accounting  # noqa: E402
 from anadp import audit_one_run as aor  # noqa: E402
-from anadp.data import get_task, read_movie_reviews  # noqa: E402
-from experiments.grid import LEARNING_RATES  # noqa: E402
+from configs.tuned import LEARNING_RATES  # noqa: E402
+from experiments.membership_data import build_audit_data, task_splits, write_audit_data  # noqa: E402
+from experiments.membership_table import git_commit, markdown, write_tables  # noqa: E402
 
-TASK = "rotten_tomatoes"
 DEFAULT_OUT = os.path.join("experiments", "results", "membership_audit")
 DEFAULT_CONFIG = "configs/default.py"
 # Guess counts tried for every row, cut at m (and m itself added): fixed before any
@@ -125,117 +122,6 @@ PLAN = (
     Row("anadp_global_eps3", "anadp", 3.0, clipping="global"),
 )
 TINY_PLAN = (PLAN[0], PLAN[2])  # non_private, dp_sgd_eps3
-
-
-# --- the data ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditData:
-    train: list[tuple[str, int]]  # the task's rows, then each included canary `repeats` times
-    dev: list[tuple[str, int]]
-    canaries: list[tuple[str, int]]
-    included: np.ndarray  # bool [m]
-    record: dict  # what canaries.json holds
-
-
-def task_splits() -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
-    """(train rows, dev rows, number of labels) of the `rotten_tomatoes` task, from its own reader and split."""
-    spec = get_task(TASK)
-    splits = read_movie_reviews(spec)
-
-    def rows(split):
-        return [(text, int(label)) for text, label in zip(splits[split]["text"], splits[split]["label"])]
-
-    return rows("train"), rows("validation"), spec.num_labels
-
-
-def canary_vocabulary(texts) -> list[str]:
-    """Distinct lower-case words (2+ letters) of `texts`, sorted so the canaries depend on the seed alone."""
-    return sorted({w for text in texts for w in re.findall(r"[a-z]{2,}", text.lower())})
-
-
-def build_audit_data(
-    train: list[tuple[str, int]],
-    dev: list[tuple[str, int]],
-    num_labels: int,
-    *,
-    num_canaries: int,
-    canary_length: int,
-    repeats: int,
-    canary_seed: int,
-    inclusion_seed: int,
-    train_rows: int = 0,
-) -> AuditData:
-    """The audit's training and dev rows: `train` (its first `train_rows`, 0: all) plus the included canaries.
-
-    The vocabulary is the dev split's (public: its metrics are released anyway),
-    so the canaries reveal nothing about the training rows. Included canaries go
-    after the task's rows: Poisson sampling makes the order irrelevant.
-    """
-    if repeats < 1:
-        raise ValueError(f"canary_repeats={repeats} must be >= 1")
-    if train_rows < 0 or train_rows > len(train):
-        raise ValueError(f"train_rows={train_rows} must be in [0, {len(train)}] (0: all of the task's train split)")
-    task_rows = train[:train_rows] if train_rows else list(train)
-    canaries = aor.make_canaries(num_canaries, canary_vocabulary(t for t, _ in dev),
-                                 length=canary_length, num_labels=num_labels, seed=canary_seed)
-    # A canary equal to a real row would be "included" whatever its bit says.
-    real_texts = {t for t, _ in task_rows} | {t for t, _ in dev}
-    clashes = [t for t, _ in canaries if t in real_texts]
-    if clashes:
-        raise ValueError(f"{len(clashes)} canaries equal a task row (first: {clashes[0]!r}); "
-                         f"use a longer canary_length than {canary_length} or another canary_seed")
-    included = aor.draw_inclusion(num_canaries, seed=inclusion_seed)
-    planted = [c for c, inc in zip(canaries, included) if inc for _ in range(repeats)]
-    record = {
-        "task": TASK,
-        "num_canaries": num_canaries,
-        "canary_length": canary_length,
-        "canary_repeats": repeats,
-        "canary_seed": canary_seed,
-        "inclusion_seed": inclusion_seed,
-        "vocabulary": "lower-case words of 2+ letters of the dev split",
-        "task_train_rows": len(task_rows),
-        "train_rows": len(task_rows) + len(planted),
-        "dev_rows": len(dev),
-        "num_included": int(included.sum()),
-        "canaries": [{"index": i, "text": t, "label": y, "included": bool(inc)}
-                     for i, ((t, y), inc) in enumerate(zip(canaries, included))],
-    }
-    return AuditData(task_rows + planted, list(dev), canaries, included, record)
-
-
-def csv_text(rows: list[tuple[str, int]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["text", "label"])
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def write_or_check(path: str, content: str) -> None:
-    """Writes `content` to `path`, or checks that the file already there holds exactly it.
-
-    Runs already trained on an older file would otherwise be mixed with new canaries.
-    """
-    if os.path.exists(path):
-        with open(path, encoding="utf-8", newline="") as f:
-            if f.read() == content:
-                return
-        raise ValueError(f"{path} holds other audit data than these settings make "
-                         "(canaries, seeds, repeats or train_rows changed); use another --out")
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(content)
-
-
-def write_audit_data(out: str, data: AuditData) -> dict[str, str]:
-    paths = {name: os.path.join(out, name) for name in ("train.csv", "dev.csv", "canaries.json")}
-    os.makedirs(out, exist_ok=True)
-    write_or_check(paths["canaries.json"], json.dumps(data.record, indent=1) + "\n")
-    write_or_check(paths["train.csv"], csv_text(data.train))
-    write_or_check(paths["dev.csv"], csv_text(data.dev))
-    return paths
 
 
 # --- training ---------------------------------------------------------------------------
@@ -392,82 +278,6 @@ def audit_row(row: Row, summary: dict, scores: np.ndarray, included: np.ndarray,
         "dev_accuracy": summary["eval"].get("accuracy"),
         "wall_time_s": summary.get("nonprivate/wall_time_s"),
     }
-
-
-# --- the table --------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return head + (" (with uncommitted changes)" if dirty else "")
-
-
-def _num(x, fmt: str = ".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    if isinstance(x, int):
-        return str(x)
-    return format(x, fmt)
-
-
-def markdown(results: list[dict], commands: dict[str, str], header: dict) -> str:
-    repeats = header["canary_repeats"]
-    lines = [
-        "# End-to-end membership audit (one training run per row)",
-        "",
-        f"Command: `{header['command']}`  ",
-        f"Git commit: `{header['commit']}`  ",
-        f"Canaries: m = {header['num_canaries']} ({header['num_included']} included, each "
-        f"{repeats} time(s)), {header['canary_length']} words from the dev split, random labels; "
-        f"canary seed {header['canary_seed']}, inclusion seed {header['inclusion_seed']}  ",
-        f"Training rows: {header['train_rows']} ({header['task_train_rows']} of the task's train split); "
-        f"privacy randomness: {header['randomness']}  ",
-        f"Score: -loss of the canary's label. Guess counts k tried: {header['ks']} "
-        f"(Bonferroni over them), confidence {header['confidence']}. The bound uses the delta of the claim "
-        "it is compared with (non-private: the default delta for the training rows).",
-    ]
-    if repeats > 1:
-        lines.append(f"Each canary is {repeats} rows: its claim is group privacy, "
-                     f"(R eps, R e^((R-1) eps) delta) with R = {repeats} (an upper bound, not the accountant's).")
-    lines += [
-        "",
-        "| row | method | clipping | target ε | reported ε | DP-SGD ε at its σ | realised ε (not a guarantee) "
-        f"| ε for a canary (R = {repeats}) | δ of the bound | m | included | k | correct | **ε ≥ (95%)** "
-        "| bound vs claim | AUC | TPR @ 1% FPR | dev acc |",
-        "|" + "---|" * 18,
-    ]
-    for r in results:
-        verdict = {True: "**above**", False: "below", None: "-"}[r["bound_exceeds_claim"]]
-        lines.append(
-            f"| `{r['row']}` | {r['method']} | {r['clipping'] or '-'} | {_num(r['target_epsilon'], 'g')} "
-            f"| {_num(r['reported_epsilon'])} | {_num(r['dp_sgd_epsilon_same_sigma'])} "
-            f"| {_num(r['epsilon_realised_sequence_not_a_guarantee'])} | {_num(r['canary_epsilon'])} "
-            f"| {_num(r['bound_delta'], '.1e')} | {r['num_canaries']} | {r['num_included']} | {_num(r['guesses'])} "
-            f"| {_num(r['correct'])} | **{_num(r['epsilon_lower_bound'], '.3f')}** | {verdict} "
-            f"| {_num(r['auc'], '.3f')} | {_num(r['tpr_at_1pct_fpr'], '.3f')} | {_num(r['dev_accuracy'], '.4f')} |"
-        )
-    lines += ["", "Training commands (run in the repository root):", ""]
-    lines += [f"- `{r['row']}`: `{commands[r['row']]}`" for r in results]
-    return "\n".join(lines) + "\n"
-
-
-def write_tables(out: str, results: list[dict], commands: dict[str, str], header: dict) -> None:
-    with open(os.path.join(out, "membership_audit.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(results, commands, header))
-    fields = list(results[0]) + ["command", "commit"] if results else ["row"]
-    with open(os.path.join(out, "membership_audit.csv"), "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for r in results:
-            writer.writerow({**r, "command": commands[r["row"]], "commit": header["commit"]})
 
 
 # --- main -------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""experiments/grid.py (commands, skip logic, collector) and experiments/heatmap.py, without training."""
+"""experiments/grid.py and its modules (grids, cells, runner, collect) and experiments/heatmap.py, without training."""
 
 import csv
 import importlib.util
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,10 +24,14 @@ def _load(name):
     return module
 
 
-grid = _load("grid")
+grid = _load("grid")  # the command line; it puts the repository on sys.path
 heatmap = _load("heatmap")
 analysis = _load("analysis")
 
+from experiments.cells import plan  # noqa: E402
+from experiments.collect import CSV_COLUMNS, aggregate, collect, load_rows  # noqa: E402
+from experiments.grids import GRIDS  # noqa: E402
+from experiments.runner import LOCK_NAME, run_grid  # noqa: E402
 
 # --- grid definitions and commands -----------------------------------------------
 
@@ -57,7 +62,7 @@ def test_dry_run_rt_main_commands(tmp_path, capsys):
 
 
 def test_grid_sizes_and_names_are_unique():
-    counts = {name: len(grid.plan(name, "/tmp/unused")) for name in grid.GRIDS}
+    counts = {name: len(plan(name, "/tmp/unused")) for name in GRIDS}
     # rt_main: 3 seeds x (1 non-private + 2 methods x 3 eps); sst2_main adds full FT (3 cells) per seed.
     assert counts["rt_main"] == 21 and counts["sst2_main"] == 30
     assert counts["rt_sweep"] == 3 * (1 + 3 * 4 * 2)
@@ -65,17 +70,17 @@ def test_grid_sizes_and_names_are_unique():
     assert counts["rt_profile"] == 3 * (1 + 4 * 3)
     assert counts["rt_profile_paired"] == counts["sst2_profile_paired"] == 5 * (3 + 3)
     # The paired grids reuse rt_profile's and rt_main's cells when they share a root.
-    paired = {c.name for c in grid.plan("rt_profile_paired", "/tmp/unused", seeds=(0,))}
+    paired = {c.name for c in plan("rt_profile_paired", "/tmp/unused", seeds=(0,))}
     assert "rotten_tomatoes-lora-anadp-private_profile-g-0.5-r1.5-eps3-seed0" in paired
     assert "rotten_tomatoes-lora-dp_sgd-eps8-seed0" in paired
-    full = [c.name for c in grid.plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
+    full = [c.name for c in plan("sst2_main", "/tmp/unused", seeds=(0,)) if "-full-" in c.name]
     assert full == ["sst2-full-non_private-learning_rate0.0001-seed0",
                     "sst2-full-dp_sgd-learning_rate0.001-eps3-seed0",
                     "sst2-full-anadp-elementwise-g0.5-r2-learning_rate0.001-eps3-seed0"]
-    literal = grid.plan("rt_literal", "/tmp/unused", seeds=(1,), only=["anadp"])
+    literal = plan("rt_literal", "/tmp/unused", seeds=(1,), only=["anadp"])
     assert [c.name for c in literal][1] == "rotten_tomatoes-lora-anadp-global-elementwise-g0.5-r2-eps3-seed1"
     assert literal[1].overrides["privacy.clipping"] == "global"
-    profile = grid.plan("rt_profile", "/tmp/unused", seeds=(0,), only=["g-0.5-r1.5"])
+    profile = plan("rt_profile", "/tmp/unused", seeds=(0,), only=["g-0.5-r1.5"])
     assert [c.name for c in profile] == ["rotten_tomatoes-lora-anadp-private_profile-g-0.5-r1.5-eps3-seed0"]
 
 
@@ -90,9 +95,9 @@ def test_set_only_and_seeds(tmp_path, capsys):
         assert command.count("--config.privacy.rho=") == 1
     assert "seed4" in commands[0] and "seed5" in commands[-1]
     with pytest.raises(ValueError, match="unknown config field"):
-        grid.plan("rt_main", str(tmp_path), sets=["train.nope=1"])
+        plan("rt_main", str(tmp_path), sets=["train.nope=1"])
     with pytest.raises(ValueError, match="integer"):
-        grid.plan("rt_main", str(tmp_path), sets=["train.steps=1.5"])
+        plan("rt_main", str(tmp_path), sets=["train.steps=1.5"])
 
 
 def test_commands_parse_to_the_effective_config(tmp_path, monkeypatch):
@@ -101,8 +106,8 @@ def test_commands_parse_to_the_effective_config(tmp_path, monkeypatch):
     from ml_collections import config_flags
 
     monkeypatch.chdir(ROOT)
-    for cell in grid.plan("sst2_main", str(tmp_path), seeds=(2,), sets=["train.steps=7", "model.dropout=true"],
-                          only=["full-anadp"]) + grid.plan("rt_literal", str(tmp_path), only=["eps8-seed1"]):
+    for cell in plan("sst2_main", str(tmp_path), seeds=(2,), sets=["train.steps=7", "model.dropout=true"],
+                          only=["full-anadp"]) + plan("rt_literal", str(tmp_path), only=["eps8-seed1"]):
         values = flags.FlagValues()
         config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
                                         sys_argv=cell.command[1:])  # defines the --config.* overrides
@@ -136,9 +141,9 @@ def write_json(path, obj):
 
 def test_run_grid_skips_finished_cells_and_survives_failures(tmp_path):
     root = str(tmp_path / "root")
-    cells = grid.plan("rt_main", root, seeds=(0,), only=["eps3"])
+    cells = plan("rt_main", root, seeds=(0,), only=["eps3"])
     assert [c.name.split("-")[2] for c in cells] == ["dp_sgd", "anadp"]
-    cells += grid.plan("rt_main", root, seeds=(1,), only=["eps3"])
+    cells += plan("rt_main", root, seeds=(1,), only=["eps3"])
     write_json(os.path.join(cells[0].path(), "summary.json"), fake_summary(cells[0]))  # already done
     write_json(os.path.join(cells[1].path(), "summary.json"), fake_summary(cells[1], **{"train.steps": 99}))
     launched = []
@@ -152,7 +157,7 @@ def test_run_grid_skips_finished_cells_and_survives_failures(tmp_path):
         return 0
 
     out = io.StringIO()
-    status = grid.run_grid(cells, root, runner=runner, out=out)
+    status = run_grid(cells, root, runner=runner, out=out)
     assert launched == [cells[2].name, cells[3].name]
     assert status == {cells[0].name: "done", cells[1].name: "conflict", cells[2].name: "ok",
                       cells[3].name: "failed"}
@@ -162,42 +167,42 @@ def test_run_grid_skips_finished_cells_and_survives_failures(tmp_path):
     assert lines[0].split("\t")[4] == cells[2].command_text
 
     launched.clear()
-    status = grid.run_grid(cells, root, runner=runner, out=io.StringIO(), parallel=2)
+    status = run_grid(cells, root, runner=runner, out=io.StringIO(), parallel=2)
     assert launched == [cells[3].name]  # only the failed cell is retried
     assert status[cells[2].name] == "done"
 
 
 def test_run_grid_skips_cells_another_live_process_runs(tmp_path):
     root = str(tmp_path / "root")
-    busy, stale, free = grid.plan("rt_main", root, seeds=(0,), only=["eps3,eps8"])[:3]
+    busy, stale, free = plan("rt_main", root, seeds=(0,), only=["eps3,eps8"])[:3]
     os.makedirs(busy.path())
-    with open(os.path.join(busy.path(), grid.LOCK_NAME), "w") as f:
-        f.write(f"{grid.socket.gethostname()} {os.getpid()}\n")  # a live process on this host
+    with open(os.path.join(busy.path(), LOCK_NAME), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")  # a live process on this host
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True)
     os.makedirs(stale.path())
-    with open(os.path.join(stale.path(), grid.LOCK_NAME), "w") as f:
-        f.write(f"{grid.socket.gethostname()} {finished.stdout.strip()}\n")  # its process has exited
+    with open(os.path.join(stale.path(), LOCK_NAME), "w") as f:
+        f.write(f"{socket.gethostname()} {finished.stdout.strip()}\n")  # its process has exited
     launched, locked_while_running = [], []
 
     def runner(cell, env):
         launched.append(cell.name)
-        locked_while_running.append(os.path.exists(os.path.join(cell.path(), grid.LOCK_NAME)))
+        locked_while_running.append(os.path.exists(os.path.join(cell.path(), LOCK_NAME)))
         write_json(os.path.join(cell.path(), "summary.json"), fake_summary(cell, 0.7))
         return 0
 
     out = io.StringIO()
-    status = grid.run_grid([busy, stale, free], root, runner=runner, out=out)
+    status = run_grid([busy, stale, free], root, runner=runner, out=out)
     assert launched == [stale.name, free.name]
     assert locked_while_running == [True, True]
     assert status == {busy.name: "busy", stale.name: "ok", free.name: "ok"}
     assert f"busy {busy.name}" in out.getvalue()
-    assert not os.path.exists(os.path.join(free.path(), grid.LOCK_NAME))  # released when done
-    assert os.path.exists(os.path.join(busy.path(), grid.LOCK_NAME))  # the other process's lock stays
+    assert not os.path.exists(os.path.join(free.path(), LOCK_NAME))  # released when done
+    assert os.path.exists(os.path.join(busy.path(), LOCK_NAME))  # the other process's lock stays
 
 
 def test_dry_run_marks_done_cells(tmp_path, capsys):
-    cell = grid.plan("rt_main", str(tmp_path), seeds=(0,), only=["non_private"])[0]
+    cell = plan("rt_main", str(tmp_path), seeds=(0,), only=["non_private"])[0]
     write_json(os.path.join(cell.path(), "summary.json"), fake_summary(cell))
     _, lines = dry_run(capsys, "rt_main", "--seeds=0", f"--root={tmp_path}")
     assert lines[0].startswith("# done: ") and cell.name in lines[0]
@@ -253,7 +258,7 @@ def test_collect_tables_and_figure(tmp_path):
     with open(f"{out}.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(v) for v in ACC.values())
-    assert list(rows[0]) == grid.CSV_COLUMNS
+    assert list(rows[0]) == CSV_COLUMNS
     for column in ["task", "finetune", "method", "clipping", "importance", "gamma", "rho", "target_epsilon",
                    "epsilon", "dp_sgd_epsilon_same_sigma", "noise_multiplier", "seed", "main_metric_value",
                    "steps", "wall_time_s", "command"]:
@@ -267,7 +272,7 @@ def test_collect_tables_and_figure(tmp_path):
     assert float(by_cell["dp_sgd-global-1.0-seed2"]["main_metric_value"]) == 0.72
 
     aggregates = {(a["method"], a["clipping"], a["target_epsilon"]): a
-                  for a in grid.aggregate(grid.load_rows([str(root)]))}
+                  for a in aggregate(load_rows([str(root)]))}
     assert len(aggregates) == len(ACC)
     for key, values in ACC.items():
         a = aggregates[(key[0], key[1] or "", key[2])]
@@ -298,9 +303,9 @@ def test_collect_tables_and_figure(tmp_path):
 def test_collect_grid_filter_allocation_columns_and_sweep_figure(tmp_path):
     """Grids sharing a root are told apart; ANADP's final allocation is read from metrics.jsonl."""
     root = str(tmp_path / "shared")
-    sweep = grid.plan("rt_sweep", root, seeds=(0, 1), only=["dp_sgd,elementwise"])
+    sweep = plan("rt_sweep", root, seeds=(0, 1), only=["dp_sgd,elementwise"])
     sweep = [c for c in sweep if "-r4-" not in c.name]  # DP-SGD and elementwise at rho 2, 4 gammas
-    other = grid.plan("rt_profile", root, seeds=(0,), only=["private_profile-g1-r2"])
+    other = plan("rt_profile", root, seeds=(0,), only=["private_profile-g1-r2"])
     assert len(sweep) == 10 and len(other) == 1
     for i, cell in enumerate(sweep + other):
         summary = fake_summary(cell, 0.70 + 0.01 * i)
@@ -326,15 +331,15 @@ def test_collect_grid_filter_allocation_columns_and_sweep_figure(tmp_path):
     assert os.path.getsize(f"{out}_sweep.png") > 5000
 
     # Without --grid every cell counts; a root without a gamma sweep draws no sweep figure.
-    everything = grid.collect([root], str(tmp_path / "all"))
+    everything = collect([root], str(tmp_path / "all"))
     assert sum(a["n"] for a in everything) == 11
     single = str(tmp_path / "single")
     for cell in other:
         write_json(os.path.join(single, cell.name, "summary.json"), fake_summary(cell))
-    grid.collect([single], str(tmp_path / "one"))
+    collect([single], str(tmp_path / "one"))
     assert not os.path.exists(tmp_path / "one_sweep.png")
     with pytest.raises(ValueError, match="unknown grid"):
-        grid.collect([root], str(tmp_path / "x"), ["rt_nope"])
+        collect([root], str(tmp_path / "x"), ["rt_nope"])
 
 
 def test_collect_errors(tmp_path, capsys):
@@ -427,7 +432,7 @@ def test_analysis_by_step_differences_and_allocation_spread(tmp_path):
     write_run(root, "b-seed0", "anadp", 0, {60: 0.65}, gamma=1.0, scales=(0.5, 1.5))  # 3.0
     write_run(root, "d-seed1", "anadp", 1, {60: 0.60}, gamma=-0.5, scales=(0.2, 1.0))  # 5.0
     write_run(root, "c-seed0", "anadp", 0, {60: 0.10}, gamma=0.0, scales=(1.0, 1.0))  # uniform: not counted
-    rows = grid.load_rows([root])
+    rows = load_rows([root])
     curves = analysis.by_step(rows)
     a = next(v for k, v in curves.items() if "γ=0.5" in k[4])
     assert a["level"][60][0] == pytest.approx(0.71)
@@ -457,9 +462,9 @@ def test_runs_differing_only_in_learning_rate_are_separate_settings_and_pair_wit
     write_run(root, "a-lr1e-4-seed0", "anadp", 0, {60: 0.51}, gamma=0.5, learning_rate=1e-4)
     write_run(root, "dp-lr1e-3-seed0", "dp_sgd", 0, {60: 0.79}, learning_rate=1e-3)
     write_run(root, "a-lr1e-3-seed0", "anadp", 0, {60: 0.80}, gamma=0.5, learning_rate=1e-3)
-    rows = grid.load_rows([root])
+    rows = load_rows([root])
     assert len(rows) == 4  # none dropped as a repeat of another seed 0
-    aggregates = {(a["method"], a["learning_rate"]): a for a in grid.aggregate(rows)}
+    aggregates = {(a["method"], a["learning_rate"]): a for a in aggregate(rows)}
     assert len(aggregates) == 4
     assert aggregates[("dp_sgd", 1e-3)]["mean"] == pytest.approx(0.79)
     assert aggregates[("anadp", 1e-4)]["diff_mean"] == pytest.approx(0.01)

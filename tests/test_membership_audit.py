@@ -1,4 +1,4 @@
-"""experiments/membership_audit.py: the canary CSVs, the claims and bounds of a row, and
+"""experiments/membership_audit.py (and its membership_data.py): the canary CSVs, the claims and bounds of a row, and
 the tiny pipeline end to end (two tiny-bert runs of two steps)."""
 
 import csv
@@ -24,19 +24,21 @@ def _load():
     return module
 
 
-ma = _load()
+ma = _load()  # it puts the repository on sys.path
+
+from experiments import membership_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return ma.task_splits()
+    return membership_data.task_splits()
 
 
 def build(splits, **overrides):
     train, dev, num_labels = splits
     settings = dict(num_canaries=50, canary_length=8, repeats=1, canary_seed=7, inclusion_seed=8, train_rows=300)
     settings.update(overrides)
-    return ma.build_audit_data(train, dev, num_labels, **settings)
+    return membership_data.build_audit_data(train, dev, num_labels, **settings)
 
 
 def read_csv_rows(path):
@@ -54,7 +56,7 @@ def test_included_canaries_are_in_train_csv_repeats_times_and_dev_is_the_tasks(t
     from anadp.data import UserFiles, read_user_task
 
     data = build(splits, repeats=repeats)
-    paths = ma.write_audit_data(str(tmp_path), data)
+    paths = membership_data.write_audit_data(str(tmp_path), data)
     train_rows = read_csv_rows(paths["train.csv"])
     task_train, task_dev, _ = splits
     assert train_rows[:300] == task_train[:300]  # the task's rows first, unchanged
@@ -92,14 +94,15 @@ def test_canary_draw_is_deterministic_in_its_seeds(splits):
 
 
 def test_vocabulary_is_words_of_the_given_texts():
-    assert ma.canary_vocabulary(["A film's 2 hours , 'fine' film", "b ok"]) == ["film", "fine", "hours", "ok"]
+    words = membership_data.canary_vocabulary(["A film's 2 hours , 'fine' film", "b ok"])
+    assert words == ["film", "fine", "hours", "ok"]
 
 
 def test_other_settings_into_the_same_out_are_refused(tmp_path, splits):
-    ma.write_audit_data(str(tmp_path), build(splits))
-    ma.write_audit_data(str(tmp_path), build(splits))  # the same data: kept
+    membership_data.write_audit_data(str(tmp_path), build(splits))
+    membership_data.write_audit_data(str(tmp_path), build(splits))  # the same data: kept
     with pytest.raises(ValueError, match="canaries.json holds other audit data"):
-        ma.write_audit_data(str(tmp_path), build(splits, repeats=2))
+        membership_data.write_audit_data(str(tmp_path), build(splits, repeats=2))
 
 
 def test_bad_settings_name_the_value(splits):

@@ -1,0 +1,160 @@
+"""The grids of fine-tuning runs (issue #6): what each one runs, as data.
+
+A grid is a list of templates (config file, {dotted field: value}) and seeds;
+each template runs once per seed (train.seed). experiments/cells.py turns a grid
+into cells (names and launch.py commands); experiments/grid.py runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+from configs.tuned import LEARNING_RATES, PROFILE_BEST
+
+RT = "configs/default.py"  # MiniLM-L6, LoRA, Rotten Tomatoes
+SST2 = "configs/sst2.py"
+EPSILONS = (1.0, 3.0, 8.0)
+SEEDS = (0, 1, 2)
+PAIRED_SEEDS = (0, 1, 2, 3, 4)
+
+Template = tuple[str, dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    description: str
+    templates: list[Template]
+    seeds: tuple[int, ...] = SEEDS
+
+
+def main_templates(config: str, finetune: str, epsilons=EPSILONS) -> list[Template]:
+    """Non-private once (no epsilon), then DP-SGD and ANADP at every epsilon."""
+
+    def fields(method, **extra):
+        lr = LEARNING_RATES.get((finetune, method))
+        return {"model.finetune": finetune, "privacy.method": method, **extra,
+                **({"train.learning_rate": lr} if lr else {})}
+
+    out = [(config, fields("non_private"))]
+    for method in ("dp_sgd", "anadp"):
+        out += [(config, fields(method, **{"privacy.epsilon": e})) for e in epsilons]
+    return out
+
+
+def dp_sgd_baselines(config: str, epsilons=(3.0,)) -> list[Template]:
+    """DP-SGD baselines, so that a grid's collect can pair its ANADP cells on its own."""
+    return [(config, {"model.finetune": "lora", "privacy.method": "dp_sgd", "privacy.epsilon": e})
+            for e in epsilons]
+
+
+def anadp_product(config: str, **fields) -> list[Template]:
+    """ANADP cells, LoRA: the product over the values of each `privacy.<field>`."""
+    keys = list(fields)
+    return [
+        (config, {"model.finetune": "lora", "privacy.method": "anadp",
+                  **{f"privacy.{k}": v for k, v in zip(keys, values)}})
+        for values in itertools.product(*(fields[k] for k in keys))
+    ]
+
+
+def recipe_changes(config: str, changes: list[dict[str, Any]], method: str = "dp_sgd",
+                   epsilon: float = 3.0) -> list[Template]:
+    """DP-SGD (LoRA, one epsilon) from today's recipe, one change per cell (issue #20's search)."""
+    base = {"model.finetune": "lora", "privacy.method": method}
+    if method != "non_private":
+        base["privacy.epsilon"] = epsilon
+    return [(config, {**base, **change}) for change in changes]
+
+
+# One factor at a time from configs/default.py (LoRA, C 1, constant lr 1e-2, Adam,
+# 3 epochs of expected batch 256), most promising first, so that a grid cut short
+# has run the levers the DP fine-tuning literature ranks highest.
+RECIPE_STEP1 = [
+    {"train.schedule": "linear"},
+    {"privacy.l2_norm_clip": 0.1},
+    {"train.expected_batch_size": 1024},
+    {"train.schedule": "linear", "train.learning_rate": 2e-2},
+    {"train.epochs": 6.0},
+    {"model.finetune": "full", "train.learning_rate": 1e-3},
+    {"train.learning_rate": 5e-3},
+    {"model.finetune": "bias"},
+]
+
+
+# From mean pooling: the head alone (the private linear probe), then one change at a time.
+RECIPE_STEP2 = [
+    {"model.finetune": "head"},
+    {"model.head_init": "zeros"},
+    {"train.expected_batch_size": 1024},
+    {"model.finetune": "full", "train.learning_rate": 1e-3},
+    {"train.epochs": 6.0},
+    {"privacy.l2_norm_clip": 0.1},
+]
+
+MEAN_POOLING = {"model.pooling": "mean"}
+# The non-private reference of the recipe search, at non-private LoRA's learning rate.
+MEAN_POOLING_NON_PRIVATE = {**MEAN_POOLING, "train.learning_rate": LEARNING_RATES[("lora", "non_private")]}
+
+
+GRIDS: dict[str, Grid] = {
+    "rt_main": Grid(
+        "Rotten Tomatoes, LoRA: non-private, DP-SGD and ANADP at epsilon 1, 3, 8",
+        main_templates(RT, "lora"),
+    ),
+    "sst2_main": Grid(
+        "SST-2, LoRA: non-private, DP-SGD and ANADP at epsilon 1, 3, 8; full fine-tuning at epsilon 3",
+        main_templates(SST2, "lora") + main_templates(SST2, "full", epsilons=(3.0,)),
+    ),
+    "rt_sweep": Grid(
+        "Rotten Tomatoes, LoRA, epsilon 3: ANADP importance x gamma x rho (+ DP-SGD baseline)",
+        dp_sgd_baselines(RT)
+        + anadp_product(RT, epsilon=[3.0], importance=["elementwise", "group_taylor", "signal"],
+                        gamma=[-0.5, 0.0, 0.5, 1.0], rho=[2.0, 4.0]),
+    ),
+    "rt_literal": Grid(
+        "Rotten Tomatoes, LoRA: the literal ANADP variant (privacy.clipping=global) calibrated to the same "
+        "target epsilon, hence the same noise multiplier, as DP-SGD (+ DP-SGD baselines); its summary reports "
+        "the epsilon it really spends and dp_sgd_epsilon_same_sigma",
+        dp_sgd_baselines(RT, EPSILONS) + anadp_product(RT, epsilon=list(EPSILONS), clipping=["global"]),
+    ),
+    "rt_profile_paired": Grid(
+        "Rotten Tomatoes, LoRA: private_profile at its best rt_profile setting against DP-SGD at epsilon "
+        "1, 3, 8, 5 paired seeds",
+        dp_sgd_baselines(RT, EPSILONS) + anadp_product(RT, epsilon=list(EPSILONS), **PROFILE_BEST),
+        PAIRED_SEEDS,
+    ),
+    "sst2_profile_paired": Grid(
+        "SST-2, LoRA: private_profile at its best rt_profile setting against DP-SGD at epsilon 1, 3, 8, "
+        "5 paired seeds",
+        dp_sgd_baselines(SST2, EPSILONS) + anadp_product(SST2, epsilon=list(EPSILONS), **PROFILE_BEST),
+        PAIRED_SEEDS,
+    ),
+    "rt_recipe": Grid(
+        "Rotten Tomatoes, epsilon 3, seed 0: DP-SGD with one change at a time from the default recipe",
+        recipe_changes(RT, RECIPE_STEP1),
+        (0,),
+    ),
+    "rt_recipe_mean": Grid(
+        "Rotten Tomatoes, epsilon 3, seed 0: the recipe search from mean pooling (the pooling "
+        "all-MiniLM-L6-v2 was trained with), one change at a time; non-private and head-only for reference",
+        recipe_changes(RT, [MEAN_POOLING])
+        + recipe_changes(RT, [MEAN_POOLING_NON_PRIVATE], method="non_private")
+        + recipe_changes(RT, [{**MEAN_POOLING, **change} for change in RECIPE_STEP2]),
+        (0,),
+    ),
+    "sst2_recipe": Grid(
+        "SST-2 (1 epoch), epsilon 3, seed 0: DP-SGD and non-private with mean pooling, against sst2_main's cls runs",
+        recipe_changes(SST2, [MEAN_POOLING])
+        + recipe_changes(SST2, [MEAN_POOLING_NON_PRIVATE], method="non_private"),
+        (0,),
+    ),
+    "rt_profile": Grid(
+        "Rotten Tomatoes, LoRA, epsilon 3: ANADP with the private_profile importance, gamma x rho "
+        "(+ DP-SGD baseline)",
+        dp_sgd_baselines(RT)
+        + anadp_product(RT, epsilon=[3.0], importance=["private_profile"], gamma=[-1.0, -0.5, 0.5, 1.0],
+                        rho=[1.5, 2.0, 4.0]),
+    ),
+}
