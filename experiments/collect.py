@@ -126,7 +126,7 @@ def run_row(workdir: str, summary: dict, command: str) -> dict:
         "steps": summary.get("steps"),
         "wall_time_s": summary.get("nonprivate/wall_time_s", summary.get("wall_time_s")),
         "command": command,
-        "workdir": workdir,
+        "workdir": path_for_commands(workdir),
     }
 
 
