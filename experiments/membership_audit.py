@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 from anadp import accounting  # noqa: E402
 from anadp import audit_one_run as aor  # noqa: E402
 from configs.tuned import LEARNING_RATES  # noqa: E402
+from experiments.cells import path_for_commands  # noqa: E402
 from experiments.membership_data import build_audit_data, task_splits, write_audit_data  # noqa: E402
 from experiments.membership_table import git_commit, markdown, write_tables  # noqa: E402
 
@@ -128,17 +129,22 @@ TINY_PLAN = (PLAN[0], PLAN[2])  # non_private, dp_sgd_eps3
 
 
 def launch_command(row: Row, out: str, args) -> list[str]:
-    """`launch.py` for one row: the CSV task, the privacy randomness, tiny flags, the row's flags, then --extra."""
+    """`launch.py` for one row: the CSV task, the privacy randomness, tiny flags, the row's flags, then --extra.
+
+    Paths are relative to the repository (launch.py runs there) when --out is inside
+    it, so that the recorded commands and the table hold on any checkout.
+    """
+    shown = path_for_commands(out)
     data = [
         "--config.data.task=csv",
-        f"--config.data.train_file={os.path.join(out, 'train.csv')}",
-        f"--config.data.dev_file={os.path.join(out, 'dev.csv')}",
+        f"--config.data.train_file={os.path.join(shown, 'train.csv')}",
+        f"--config.data.dev_file={os.path.join(shown, 'dev.csv')}",
         "--config.data.text_column=text",
         "--config.data.label_column=label",
         f"--config.privacy.randomness={args.randomness}",
     ]
     tiny = list(TINY_FLAGS) if args.tiny else []
-    return [sys.executable, "launch.py", f"--config={args.config}", f"--workdir={row_dir(out, row)}",
+    return [sys.executable, "launch.py", f"--config={args.config}", f"--workdir={row_dir(shown, row)}",
             *data, *tiny, *row.config_flags(), *args.extra]
 
 
