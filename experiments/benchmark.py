@@ -65,6 +65,10 @@ flags.DEFINE_enum("dtype", "float32", list(models.COMPUTE_DTYPES),
                   "what the model computes in (config train.dtype); parameters stay float32")
 flags.DEFINE_bool("sst2_throughput", False, "also measure SST-2 examples/s with and without length buckets")
 flags.DEFINE_string("out", "bench.json", "JSON output; a Markdown table is written beside it (.md)")
+flags.DEFINE_string("pytorch_json", "", "experiments/compare_pytorch.py's JSON from the same sitting: print the ratios")
+
+# Which PyTorch step each of ours is held against (compare_pytorch.py's method names).
+PYTORCH_COUNTERPART = {"non_private": "pytorch_eager_non_private", "dp_sgd": "opacus_ghost_dp_sgd"}
 
 
 # Random weights of a real model's shapes: no checkpoint, no download.
@@ -242,8 +246,37 @@ def markdown(results: dict, args: dict) -> str:
         lines += ["", f"SST-2 DP-SGD examples/s: bucketed {s['bucketed']['examples_per_s']:.1f} "
                       f"(lengths {s['bucketed']['lengths']}), fixed length {args['seq_len']}: "
                       f"{s['fixed_length']['examples_per_s']:.1f}"]
+    if "pytorch" in results:
+        lines += ["", *pytorch_lines(results["methods"], results["pytorch"])]
     lines += ["", f"command: `{results['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def pytorch_lines(methods: dict, pytorch: dict) -> list[str]:
+    """Our step time against PyTorch's on the same shapes (compare_pytorch.py's JSON)."""
+    meta = pytorch.get("_meta", {})
+    lines = [f"PyTorch (torch {meta.get('torch', '?')}, opacus {meta.get('opacus', '?')}, "
+             f"{meta.get('threads', '?')} threads; `{meta.get('command', '?')}`):", "",
+             "| ours | step time (s) | PyTorch | step time (s) | ours / PyTorch |", "|---|---|---|---|---|"]
+    for ours, theirs in PYTORCH_COUNTERPART.items():
+        if ours in methods and theirs in pytorch:
+            a, b = methods[ours]["step_time_s"], pytorch[theirs]["step_time_s"]
+            lines.append(f"| {ours} | {a:.3f} | {theirs} | {b:.3f} | {a / b:.2f}x |")
+    return lines
+
+
+def read_pytorch_json(path: str, args: dict) -> dict:
+    """compare_pytorch.py's results; refused when its shapes are not this benchmark's."""
+    with open(path) as f:
+        pytorch = json.load(f)
+    theirs = pytorch.get("_meta", {}).get("args", {})
+    if (args["finetune"], args["dtype"]) != ("full", "float32"):
+        raise app.UsageError("--pytorch_json: compare_pytorch.py trains every parameter in float32; "
+                             "run this benchmark with --finetune=full --dtype=float32")
+    for key in ("model", "batch_size", "seq_len"):
+        if theirs.get(key) != args[key]:
+            raise app.UsageError(f"--pytorch_json={path}: its {key} is {theirs.get(key)!r}, this run's {args[key]!r}")
+    return pytorch
 
 
 def main(argv):
@@ -261,6 +294,7 @@ def main(argv):
     }
     if args["logical"] % args["batch_size"]:
         raise app.UsageError("--logical_batch_size must be a multiple of --batch_size")
+    pytorch = read_pytorch_json(FLAGS.pytorch_json, args) if FLAGS.pytorch_json else None
     model, params = build_model(FLAGS.model, FLAGS.finetune, FLAGS.dtype)
     rng = np.random.default_rng(0)
     passes = args["logical"] // args["batch_size"]
@@ -290,10 +324,13 @@ def main(argv):
     print(json.dumps(results["methods"]), file=sys.stderr, flush=True)
     if FLAGS.sst2_throughput:
         results["sst2"] = sst2_throughput(model, params, args)
+    if pytorch is not None:
+        results["pytorch"] = pytorch
     # the JSON maps each method to its numbers; run metadata sits under "_meta"
     out = {**results["methods"], "_meta": {k: v for k, v in results.items() if k != "methods"}}
-    if "sst2" in results:
-        out["_meta"]["sst2"] = results["sst2"]
+    for key in ("sst2", "pytorch"):
+        if key in results:
+            out["_meta"][key] = results[key]
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(out, f, indent=2)

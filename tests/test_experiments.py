@@ -385,11 +385,22 @@ def test_benchmark_writes_every_method_and_counts_resident_state(tmp_path):
     import subprocess
 
     out = tmp_path / "bench.json"
+    # compare_pytorch.py's JSON as it would be for the same shapes (made up here: torch
+    # is never needed by the tests); the benchmark prints its own step over PyTorch's.
+    pytorch = tmp_path / "pytorch.json"
+    pytorch.write_text(json.dumps({
+        "pytorch_eager_non_private": {"step_time_s": 0.5}, "opacus_ghost_dp_sgd": {"step_time_s": 2.0},
+        "_meta": {"args": {"model": "tiny-bert", "batch_size": 4, "seq_len": 8}, "torch": "x", "opacus": "y"}}))
     args = [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--model=tiny-bert",
             "--batch_size=4", "--seq_len=8", "--finetune=full", "--microbatch_size=2", "--engine=ghost",
-            "--logical_batch_size=8", "--repeats=1", f"--out={out}"]
+            "--logical_batch_size=8", "--repeats=1", f"--out={out}", f"--pytorch_json={pytorch}"]
     subprocess.run(args, check=True, capture_output=True, cwd=ROOT, timeout=600)
     results = json.loads(out.read_text())
+    table = (tmp_path / "bench.md").read_text()
+    for ours, theirs, seconds in (("non_private", "pytorch_eager_non_private", 0.5),
+                                  ("dp_sgd", "opacus_ghost_dp_sgd", 2.0)):
+        ratio = results[ours]["step_time_s"] / seconds
+        assert f"| {ours} | {results[ours]['step_time_s']:.3f} | {theirs} | {seconds:.3f} | {ratio:.2f}x |" in table
     for method in ("non_private", "dp_sgd", "anadp"):
         for key in ("step_time_s", "compile_time_s", "peak_memory_bytes", "time_per_example_s"):
             assert results[method][key] > 0, (method, key)
@@ -398,7 +409,21 @@ def test_benchmark_writes_every_method_and_counts_resident_state(tmp_path):
     # resident during each pass, so its peak must exceed DP-SGD's by at least that.
     two_emas = 2 * 4 * results["_meta"]["num_trainable_params"]
     assert results["anadp"]["peak_memory_bytes"] >= results["dp_sgd"]["peak_memory_bytes"] + two_emas
-    assert "| anadp |" in (tmp_path / "bench.md").read_text()
+    assert "| anadp |" in table
+
+
+def test_benchmark_refuses_a_pytorch_json_of_other_shapes(tmp_path):
+    import subprocess
+
+    pytorch = tmp_path / "pytorch.json"
+    pytorch.write_text(json.dumps({"_meta": {"args": {"model": "tiny-bert", "batch_size": 32, "seq_len": 8}}}))
+    args = [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--model=tiny-bert",
+            "--batch_size=4", "--seq_len=8", "--finetune=full", f"--out={tmp_path / 'b.json'}",
+            f"--pytorch_json={pytorch}"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "batch_size is 32, this run's 4" in done.stderr
+    assert not (tmp_path / "b.json").exists()
 
 
 # --- analysis: by-step paired differences, allocation spread ---------------------------
