@@ -97,6 +97,18 @@ MEAN_POOLING = {"model.pooling": "mean"}
 # The non-private reference of the recipe search, at non-private LoRA's learning rate.
 MEAN_POOLING_NON_PRIVATE = {**MEAN_POOLING, "train.learning_rate": LEARNING_RATES[("lora", "non_private")]}
 
+# rt_recipe_mean's best seed-0 cell (79.72): mean pooling, every parameter trained at
+# private full fine-tuning's learning rate. Its eps sweep sits beside the private
+# linear probe (head only) and non-private full fine-tuning with the same pooling.
+MEAN_FULL = {**MEAN_POOLING, "model.finetune": "full", "train.learning_rate": LEARNING_RATES[("full", "dp_sgd")]}
+MEAN_HEAD = {**MEAN_POOLING, "model.finetune": "head"}
+MEAN_FULL_NON_PRIVATE = {**MEAN_POOLING, "model.finetune": "full",
+                         "train.learning_rate": LEARNING_RATES[("full", "non_private")]}
+
+
+def epsilon_sweep(config: str, change: dict[str, Any], epsilons=EPSILONS) -> list[Template]:
+    return [t for e in epsilons for t in recipe_changes(config, [change], epsilon=e)]
+
 
 GRIDS: dict[str, Grid] = {
     "rt_main": Grid(
@@ -148,6 +160,18 @@ GRIDS: dict[str, Grid] = {
         "SST-2 (1 epoch), epsilon 3, seed 0: DP-SGD and non-private with mean pooling, against sst2_main's cls runs",
         recipe_changes(SST2, [MEAN_POOLING])
         + recipe_changes(SST2, [MEAN_POOLING_NON_PRIVATE], method="non_private"),
+        (0,),
+    ),
+    "rt_recipe_full": Grid(
+        "Rotten Tomatoes, mean pooling, full fine-tuning: DP-SGD at epsilon 1, 3, 8 against the private "
+        "head-only baseline at the same epsilons and non-private full fine-tuning, 3 seeds",
+        epsilon_sweep(RT, MEAN_FULL) + epsilon_sweep(RT, MEAN_HEAD)
+        + recipe_changes(RT, [MEAN_FULL_NON_PRIVATE], method="non_private"),
+    ),
+    "rt_recipe_full_lr": Grid(
+        "Rotten Tomatoes, mean pooling, full fine-tuning, DP-SGD at epsilon 3, seed 0: learning rates "
+        "around 1e-3",
+        recipe_changes(RT, [{**MEAN_FULL, "train.learning_rate": lr} for lr in (5e-4, 2e-3)]),
         (0,),
     ),
     "rt_profile": Grid(
