@@ -5,8 +5,9 @@ auditor-chosen gradient canary absent or present (`anadp.audit`), and the
 auditor's guesses become an epsilon lower bound at 95% confidence. The table
 puts every bound next to the epsilon the run's ledger reports (the
 `accounting.PrivacyLedger` that training keeps, fed with the step's effective
-multiplier exactly as `train.py` does) and next to the epsilon DP-SGD would
-claim at the same (sigma, q, T).
+multiplier that `Mechanism.effective_noise_multiplier` gives for the run's
+fixed allocation) and next to the epsilon DP-SGD would claim at the same
+(sigma, q, T).
 
 Two settings:
   full_batch: q = 1 (every step sees the canary when present), T steps. The
@@ -39,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from anadp import accounting, allocation, audit  # noqa: E402
+from anadp import accounting, allocation, audit, audit_statistics  # noqa: E402
 
 MECHANISMS = (
     # name, label, clipping, uses the skewed allocation
@@ -105,15 +106,14 @@ def skewed_allocation(sizes, ratio):
     return tuple(float(s) for s in np.asarray(scales))
 
 
-def ledger_epsilon(noise_multiplier, scales, clipping, sampling_rate, steps, delta):
-    """The epsilon training's ledger would report for this run (mirrors train.py)."""
-    reference = accounting.effective_noise_multiplier(noise_multiplier, [1.0], clipping)
-    ledger = accounting.PrivacyLedger("pld", reference_noise_multiplier=reference)
-    if clipping == "global":
-        z = accounting.effective_noise_multiplier(noise_multiplier, list(scales), "global")
-    else:
-        z = reference
-    ledger.record(sampling_rate, z, count=steps)
+def ledger_epsilon(canary_run, delta):
+    """The epsilon the run's ledger reports, and the multiplier it records: the
+    `accounting.PrivacyLedger` that training keeps, fed with the mechanism's
+    effective multiplier at the run's fixed allocation (`Mechanism.effective_noise_multiplier`)."""
+    mechanism = canary_run.mechanism()
+    ledger = accounting.PrivacyLedger("pld", reference_noise_multiplier=mechanism.effective_noise_multiplier())
+    z = mechanism.effective_noise_multiplier(canary_run.group_scales or (1.0,))
+    ledger.record(canary_run.sampling_rate, z, count=canary_run.steps)
     return ledger.epsilon(delta), z
 
 
@@ -140,9 +140,6 @@ def run(args):
         dpsgd_claim_s = time.time() - t0
         for name, label, clipping, uses_allocation in MECHANISMS:
             scales = skewed if uses_allocation else None
-            t0 = time.time()
-            ledger_eps, z_eff = ledger_epsilon(sigma, scales if scales else (1.0, 1.0), clipping, q, steps, args.delta)
-            accounting_s = time.time() - t0 + (dpsgd_claim_s if name == "dpsgd" else 0.0)
             canary_run = audit.CanaryRun(
                 clipping=clipping,
                 group_sizes=sizes,
@@ -156,6 +153,9 @@ def run(args):
                 background=args.background,
                 background_seed=args.seed,
             )
+            t0 = time.time()
+            ledger_eps, z_eff = ledger_epsilon(canary_run, args.delta)
+            accounting_s = time.time() - t0 + (dpsgd_claim_s if name == "dpsgd" else 0.0)
             audit_seed = args.seed + 1 + row_index
             t0 = time.time()
             outcome = audit.run_audit(
@@ -169,7 +169,9 @@ def run(args):
             audit_s = time.time() - t0
             r = outcome.result
             full_batch = q >= 1.0
-            mu_hat = audit.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in) if full_batch else None
+            mu_hat = (
+                audit_statistics.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in) if full_batch else None
+            )
             row = dict(
                 setting=setting["setting"],
                 mechanism=name,
@@ -190,7 +192,7 @@ def run(args):
                 dpsgd_claimed_epsilon=dpsgd_claim,
                 ledger_epsilon=ledger_eps,
                 gaussian_dp_epsilon=(
-                    audit.gaussian_dp_epsilon(math.sqrt(steps) / z_eff, args.delta) if full_batch else None
+                    audit_statistics.gaussian_dp_epsilon(math.sqrt(steps) / z_eff, args.delta) if full_batch else None
                 ),
                 epsilon_lower_bound=r.epsilon_lower_bound,
                 epsilon_ceiling=r.epsilon_ceiling,
@@ -204,7 +206,7 @@ def run(args):
                 mu_estimate=mu_hat,
                 accounted_mu=math.sqrt(steps) / z_eff if full_batch else None,
                 attainable_epsilon_lower_bound=(
-                    audit.attainable_gaussian_bound(
+                    audit_statistics.attainable_gaussian_bound(
                         math.sqrt(steps) / z_eff, r.num_negatives, delta=args.delta, confidence=args.confidence
                     )
                     if full_batch and r.num_negatives == r.num_positives
@@ -239,7 +241,8 @@ def markdown(args, out, command, wall_s):
         f"chooses one example's gradient (norm C, all of it in the least-noised of two groups, d = {sizes[0]} "
         f"and {sizes[1]}), the {args.num_background} other examples of the batch have fixed "
         "gradients known to it, and it sees every release of a run of T steps of `anadp.privatize` "
-        "(the code path of training), nothing else. Each run has the canary absent, or present "
+        "(the privatiser that training's `Mechanism.release` runs too), nothing else. Each run has "
+        "the canary absent, or present "
         "with Poisson rate q at every step; the auditor scores the run with the likelihood ratio "
         "of the whitened projections of the releases on the canary's direction, picks a threshold "
         "on half of the runs, and bounds its false-positive and false-negative rates on the other "
