@@ -36,10 +36,16 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
+def is_integer(value: Any) -> bool:
+    """Whether `value` is an integer by this module's policy (an integer type, not a bool)."""
+    value = _scalar(value)
+    return not _is_bool(value) and isinstance(value, (numbers.Integral, np.integer))
+
+
 def integer(name: str, value: Any, minimum: int) -> int:
     """`value` as an int, refused unless it is an integer type and `>= minimum`."""
     value = _scalar(value)
-    if _is_bool(value) or not isinstance(value, (numbers.Integral, np.integer)) or int(value) < minimum:
+    if not is_integer(value) or int(value) < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
     return int(value)
 
