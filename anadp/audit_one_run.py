@@ -99,9 +99,7 @@ _EPS_TOL = 1e-9
 
 def _check_confidence(confidence: float) -> float:
     """Validate `confidence` and return the significance level beta = 1 - confidence."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    return 1.0 - confidence
+    return 1.0 - _checks.in_interval("confidence", confidence, "(0, 1)")
 
 
 def _check_counts(num_guesses: int, num_correct: int, num_canaries: int | None) -> None:

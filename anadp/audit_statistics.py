@@ -36,6 +36,8 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
+from anadp import _checks
+
 
 def clopper_pearson_upper(successes: Any, trials: Any, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson upper bound on a binomial proportion.
@@ -44,7 +46,7 @@ def clopper_pearson_upper(successes: Any, trials: Any, alpha: float) -> np.ndarr
     the `1 - alpha` quantile of Beta(k + 1, n - k), and 1 when k = n.
     Vectorised over `successes` (and `trials`).
     """
-    _check_alpha(alpha)
+    _checks.in_interval("alpha", alpha, "(0, 1)")
     k, n = np.broadcast_arrays(np.asarray(successes, np.float64), np.asarray(trials, np.float64))
     _check_counts(k, n)
     full = k >= n
@@ -55,18 +57,13 @@ def clopper_pearson_upper(successes: Any, trials: Any, alpha: float) -> np.ndarr
 
 def clopper_pearson_lower(successes: Any, trials: Any, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson lower bound: the `alpha` quantile of Beta(k, n - k + 1), 0 when k = 0."""
-    _check_alpha(alpha)
+    _checks.in_interval("alpha", alpha, "(0, 1)")
     k, n = np.broadcast_arrays(np.asarray(successes, np.float64), np.asarray(trials, np.float64))
     _check_counts(k, n)
     empty = k <= 0
     a = np.where(empty, 1.0, k)
     lower = scipy.special.betaincinv(a, n - k + 1.0, alpha)
     return np.where(empty, 0.0, lower)
-
-
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha={alpha} must be in (0, 1)")
 
 
 def _check_counts(k: np.ndarray, n: np.ndarray) -> None:
@@ -116,9 +113,7 @@ def epsilon_lower_bound(
 
 
 def _split_alpha(confidence: float) -> float:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    return (1.0 - confidence) / 2.0
+    return (1.0 - _checks.in_interval("confidence", confidence, "(0, 1)")) / 2.0
 
 
 def error_counts(scores_out: np.ndarray, scores_in: np.ndarray, thresholds: Any) -> tuple:

@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from anadp import allocation
+from anadp import _checks, allocation
 from anadp.accounting import CLIPPING_MODES
 from anadp.allocation import Groups
 
@@ -97,13 +97,11 @@ def add_gradient_sums(a: GradientSum, b: GradientSum) -> GradientSum:
 
 
 def check_clipping(clipping: str) -> None:
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_MODES}")
+    _checks.one_of("clipping", clipping, CLIPPING_MODES)
 
 
 def check_clip_fn(clip_fn: str, automatic_r: float = DEFAULT_AUTOMATIC_R) -> None:
-    if clip_fn not in CLIP_FNS:
-        raise ValueError(f"clip_fn={clip_fn!r} is not one of {CLIP_FNS}")
+    _checks.one_of("clip_fn", clip_fn, CLIP_FNS)
     # A traced r (inside jit) cannot be checked here; Mechanism and the config check theirs.
     if isinstance(automatic_r, numbers.Real) and not 0 < automatic_r < math.inf:
         raise ValueError(f"automatic_r={automatic_r} must be in (0, inf)")
