@@ -1,13 +1,17 @@
 """The checks of a run's config, before any work: a bad value is refused with a
 message that names its field (`validate_config`), and the mechanism the privacy
-group describes (`mechanism_from_config`, which also checks the ANADP fields)."""
+group describes (`mechanism_from_config`, which also checks the ANADP fields).
+
+Numbers are checked by the library's one policy (`anadp._checks`: an integer
+field must hold an integer, a real field a real number, never NaN); the
+refusal names the config field and what it accepts."""
 
 from __future__ import annotations
 
 import ml_collections
 
+from anadp import _checks, models, randomness
 from anadp import data as data_lib
-from anadp import models, randomness
 from anadp.clipping import CLIP_FNS, CLIPPING_MODES
 from anadp.noise import Mechanism
 
@@ -23,6 +27,22 @@ def _bad(field: str, value, allowed: str):
     raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
+def _integer(field: str, value, minimum: int, allowed: str | None = None) -> None:
+    """An integer field (`_checks.integer`) of at least `minimum`."""
+    try:
+        _checks.integer(field, value, minimum)
+    except ValueError:
+        _bad(field, value, allowed or f"must be >= {minimum}")
+
+
+def _real(field: str, value, interval: str, allowed: str) -> None:
+    """A real field (`_checks.in_interval`) in `interval`, e.g. "(0, inf)"."""
+    try:
+        _checks.in_interval(field, value, interval)
+    except ValueError:
+        _bad(field, value, allowed)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Refuses a bad configuration with a message naming the field."""
     p, d, m = config.privacy, config.data, config.model
@@ -36,12 +56,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _bad("model.pooling", m.pooling, f"must be one of {models.POOLING_CHOICES}")
     if m.head_init not in models.HEAD_INITS:
         _bad("model.head_init", m.head_init, f"must be one of {models.HEAD_INITS}")
-    if m.lora_rank < 1:
-        _bad("model.lora_rank", m.lora_rank, "must be >= 1")
-    if not m.lora_alpha > 0:
-        _bad("model.lora_alpha", m.lora_alpha, "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
-    if not 0 <= m.lora_dropout < 1:
-        _bad("model.lora_dropout", m.lora_dropout, "must be in [0, 1)")
+    _integer("model.lora_rank", m.lora_rank, 1)
+    _real("model.lora_alpha", m.lora_alpha, "(0, inf)", "must be > 0 (the adapter's scale is lora_alpha / lora_rank)")
+    _real("model.lora_dropout", m.lora_dropout, "[0, 1)", "must be in [0, 1)")
     _validate_data(d)
     if p.method != "non_private":
         _validate_privacy(config)
@@ -52,14 +69,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _validate_privacy(config: ml_collections.ConfigDict) -> None:
     """The fields of a private method (DP-SGD or ANADP)."""
     p = config.privacy
-    if p.noise_multiplier < 0:
-        _bad("privacy.noise_multiplier", p.noise_multiplier, "must be >= 0 (0: calibrate to epsilon)")
+    _real("privacy.noise_multiplier", p.noise_multiplier, "[0, inf)", "must be >= 0 (0: calibrate to epsilon)")
     if p.noise_multiplier == 0 and not p.epsilon > 0:
         _bad("privacy.epsilon", p.epsilon, "must be > 0 (or set privacy.noise_multiplier > 0)")
-    if not 0 <= p.delta < 1:
-        _bad("privacy.delta", p.delta, "must be in (0, 1/N), or 0 for the default")
-    if not p.l2_norm_clip > 0:
-        _bad("privacy.l2_norm_clip", p.l2_norm_clip, "must be > 0")
+    _real("privacy.delta", p.delta, "[0, 1)", "must be in (0, 1/N), or 0 for the default")
+    _real("privacy.l2_norm_clip", p.l2_norm_clip, "(0, inf)", "must be > 0")
     if p.accountant not in ("pld", "rdp"):
         _bad("privacy.accountant", p.accountant, "must be 'pld' or 'rdp'")
     # Checked for every private method, although only ANADP reads it: a typo
@@ -68,8 +82,7 @@ def _validate_privacy(config: ml_collections.ConfigDict) -> None:
         _bad("privacy.clipping", p.clipping, f"must be one of {CLIPPING_MODES}")
     if p.clip_fn not in CLIP_FNS:
         _bad("privacy.clip_fn", p.clip_fn, f"must be one of {CLIP_FNS}")
-    if not 0 < p.automatic_r < float("inf"):
-        _bad("privacy.automatic_r", p.automatic_r, "must be in (0, inf)")
+    _real("privacy.automatic_r", p.automatic_r, "(0, inf)", "must be in (0, inf)")
     if p.method == "anadp":
         # Mechanism validates the ANADP fields; re-raise naming the config group.
         try:
@@ -81,17 +94,18 @@ def _validate_privacy(config: ml_collections.ConfigDict) -> None:
 def _validate_train(config: ml_collections.ConfigDict) -> None:
     """The train group, and the longest sequence."""
     p, t, d = config.privacy, config.train, config.data
-    if t.expected_batch_size <= 0:
-        _bad("train.expected_batch_size", t.expected_batch_size, "must be > 0")
-    if t.physical_batch_size < 1:
-        _bad("train.physical_batch_size", t.physical_batch_size, "must be >= 1")
-    if t.microbatch_size < 1 or t.physical_batch_size % t.microbatch_size:
+    _real("train.expected_batch_size", t.expected_batch_size, "(0, inf)", "must be > 0")
+    _integer("train.physical_batch_size", t.physical_batch_size, 1)
+    allowed = f"must divide train.physical_batch_size={t.physical_batch_size}"
+    _integer("train.microbatch_size", t.microbatch_size, 1, allowed)
+    if t.physical_batch_size % t.microbatch_size:
         _bad(
             "train.microbatch_size",
             t.microbatch_size,
             f"must divide train.physical_batch_size={t.physical_batch_size}",
         )
-    if t.steps < 0 or (t.steps == 0 and not t.epochs > 0):
+    _integer("train.steps", t.steps, 0, "must be > 0, or 0 with train.epochs > 0")
+    if t.steps == 0 and not t.epochs > 0:
         _bad("train.steps", t.steps, "must be > 0, or 0 with train.epochs > 0")
     if t.optimizer not in OPTIMIZERS:
         _bad("train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
@@ -104,17 +118,12 @@ def _validate_train(config: ml_collections.ConfigDict) -> None:
         _bad("train.clipping_engine", engine, "'ghost' needs model.dropout=False (no per-example dropout)")
     if t.schedule not in SCHEDULES:
         _bad("train.schedule", t.schedule, f"must be one of {SCHEDULES}")
-    if not t.learning_rate > 0:
-        _bad("train.learning_rate", t.learning_rate, "must be > 0")
-    if t.lr_warmup_steps < 0:
-        _bad("train.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
-    if not t.weight_decay >= 0:
-        _bad("train.weight_decay", t.weight_decay, "must be >= 0")
+    _real("train.learning_rate", t.learning_rate, "(0, inf)", "must be > 0")
+    _integer("train.lr_warmup_steps", t.lr_warmup_steps, 0)
+    _real("train.weight_decay", t.weight_decay, "[0, inf)", "must be >= 0")
     for field in ("eval_every", "checkpoint_every", "eval_batch_size"):
-        if t[field] < 1:
-            _bad(f"train.{field}", t[field], "must be >= 1")
-    if d.max_length < 2:
-        _bad("data.max_length", d.max_length, "must be >= 2")
+        _integer(f"train.{field}", t[field], 1)
+    _integer("data.max_length", d.max_length, 2)
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

@@ -22,18 +22,21 @@ cheap to compose).
   of sensitivity 1 with multiplier ``sigma_u``, from the same sample, so the
   step is one Gaussian mechanism with ``z_eff = (z^-2 + sigma_u^-2)^(-1/2)``.
 
-See :func:`effective_noise_multiplier`.
+See :func:`effective_noise_multiplier`; a run's mechanism says which ``z``
+each of its steps is accounted at (``noise.Mechanism.accounted_noise_multiplier``).
+Calibrating ``sigma`` to a target epsilon: ``anadp.calibration``.
 """
 from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import dp_accounting
 import numpy as np
+
+from anadp import _checks
 
 __all__ = [
     "ACCOUNTANTS",
@@ -41,11 +44,13 @@ __all__ = [
     "DEFAULT_LEDGER_GRID",
     "DEFAULT_PLD_DISCRETIZATION",
     "PrivacyLedger",
-    "calibrate_noise_multiplier",
     "check_delta",
+    "combine_noise_multipliers",
     "compute_epsilon",
     "default_delta",
     "effective_noise_multiplier",
+    "epsilon_of_event",
+    "make_accountant",
     "make_step_event",
 ]
 
@@ -64,93 +69,16 @@ DEFAULT_LEDGER_GRID = 1e-3
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
-# --------------------------------------------------------------------------
-# Validation helpers. Each raises ValueError (also for wrong types, by the
-# project's contract) naming the argument, its value and the accepted range.
-# --------------------------------------------------------------------------
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(
-        x, (bool, np.bool_)
-    )
-
-
-def _scalar(value: Any) -> Any:
-    """Unwrap a 0-d numeric array (numpy, or JAX via ``__array__``) to a python scalar."""
-    if not isinstance(value, (numbers.Number, str, bytes)) and hasattr(value, "__array__"):
-        arr = np.asarray(value)
-        if arr.shape == () and arr.dtype.kind in "biuf":
-            return arr.item()
-    return value
-
-
-def _as_float(name: str, value: Any) -> float:
-    value = _scalar(value)
-    if not _is_real(value):
-        raise ValueError(f"{name}={value!r} must be a real number")
-    out = float(value)
-    if math.isnan(out):
-        raise ValueError(f"{name}={value!r} must be a real number, not NaN")
-    return out
-
-
-def _check_epsilon(epsilon: Any, name: str = "epsilon") -> float:
-    eps = _as_float(name, epsilon)
-    if not (0.0 < eps < math.inf):
-        raise ValueError(f"{name}={epsilon!r} is outside (0, inf): it must be positive and finite")
-    return eps
-
-
-def _check_delta(delta: Any) -> float:
-    d = _as_float("delta", delta)
-    if not (0.0 < d < 1.0):
-        raise ValueError(f"delta={delta!r} is outside (0, 1)")
-    return d
-
-
-def _check_sampling_rate(sampling_rate: Any) -> float:
-    q = _as_float("sampling_rate", sampling_rate)
-    if not (0.0 < q <= 1.0):
-        raise ValueError(f"sampling_rate={sampling_rate!r} is outside (0, 1]")
-    return q
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    value = _scalar(value)
-    # Integral floats (e.g. 100.0) are accepted; bools and 2.5 are not.
-    if not (_is_real(value) and float(value).is_integer()):
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    out = int(value)
-    if out < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return out
-
-
-def _check_steps(steps: Any) -> int:
-    return _check_int("steps", steps, 1)
-
-
-def _check_noise_multiplier(value: Any, name: str = "noise_multiplier") -> float:
-    z = _as_float(name, value)
-    if not (0.0 <= z < math.inf):
-        raise ValueError(f"{name}={value!r} is outside [0, inf): it must be non-negative and finite")
-    return z
-
-
 def _check_accountant(accountant: Any) -> str:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant={accountant!r} is not one of {ACCOUNTANTS}")
-    return str(accountant)
+    return str(_checks.one_of("accountant", accountant, ACCOUNTANTS))
 
 
 def _check_pld_discretization(value: Any) -> float:
-    v = _as_float("pld_discretization", value)
-    if not (0.0 < v < math.inf):
-        raise ValueError(f"pld_discretization={value!r} is outside (0, inf)")
-    return v
+    return _checks.in_interval("pld_discretization", value, "(0, inf)")
 
 
-def _make_accountant(accountant: str, pld_discretization: float) -> dp_accounting.PrivacyAccountant:
+def make_accountant(accountant: str, pld_discretization: float) -> dp_accounting.PrivacyAccountant:
+    """A fresh ``dp_accounting`` accountant ("pld" or "rdp"), add-or-remove-one neighbours."""
     if accountant == "pld":
         return dp_accounting.pld.PLDAccountant(
             neighboring_relation=_ADD_OR_REMOVE,
@@ -159,9 +87,10 @@ def _make_accountant(accountant: str, pld_discretization: float) -> dp_accountin
     return dp_accounting.rdp.RdpAccountant(neighboring_relation=_ADD_OR_REMOVE)
 
 
-def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str,
-                      pld_discretization: float) -> float:
-    acc = _make_accountant(accountant, pld_discretization)
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str,
+                     pld_discretization: float) -> float:
+    """Epsilon at ``delta`` of ``event`` (arguments already checked); PLD falls back to RDP on overflow."""
+    acc = make_accountant(accountant, pld_discretization)
     try:
         return float(acc.compose(event).get_epsilon(delta))
     except (MemoryError, OverflowError) as e:
@@ -170,7 +99,7 @@ def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: st
         # A tiny multiplier makes the PLD's support astronomically wide. RDP is a
         # valid (looser) upper bound, so report that rather than crash.
         logging.warning("PLD accounting failed (%s); reporting the RDP bound instead", type(e).__name__)
-        return _epsilon_of_event(event, delta, "rdp", pld_discretization)
+        return epsilon_of_event(event, delta, "rdp", pld_discretization)
 
 
 def make_step_event(noise_multiplier: float, sampling_rate: float, steps: int = 1) -> dp_accounting.DpEvent:
@@ -178,9 +107,9 @@ def make_step_event(noise_multiplier: float, sampling_rate: float, steps: int = 
 
     ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), steps)``.
     """
-    z = _check_noise_multiplier(noise_multiplier)
-    q = _check_sampling_rate(sampling_rate)
-    t = _check_steps(steps)
+    z = _checks.noise_multiplier(noise_multiplier)
+    q = _checks.sampling_rate(sampling_rate)
+    t = _checks.integer("steps", steps, 1)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), t
     )
@@ -197,8 +126,8 @@ def check_delta(delta: float, num_examples: int) -> float:
     ``1/N`` allows a mechanism that publishes one random example outright.
     Returns ``delta`` as a float; raises ``ValueError`` otherwise.
     """
-    n = _check_int("num_examples", num_examples, 1)
-    d = _check_delta(delta)
+    n = _checks.integer("num_examples", num_examples, 1)
+    d = _checks.delta(delta)
     if d >= 1.0 / n:
         raise ValueError(
             f"delta={delta!r} must be below 1/N = {1.0 / n:.6g} for N={n} examples"
@@ -215,7 +144,7 @@ def default_delta(num_examples: int) -> float:
     ten times below ``1/N`` for large datasets. Pass an explicit delta to
     override; it is checked by :func:`check_delta`.
     """
-    n = _check_int("num_examples", num_examples, 1)
+    n = _checks.integer("num_examples", num_examples, 1)
     if 1e-5 * n < 1.0:
         return 1e-5
     # 10N has len(str(10N)) digits, so 10N < 10**k and 10**-k < 1/(10N).
@@ -238,89 +167,15 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
     effective multiplier (see :func:`effective_noise_multiplier`); 0 gives
     ``inf``.
     """
-    z = _check_noise_multiplier(noise_multiplier)
-    q = _check_sampling_rate(sampling_rate)
-    t = _check_steps(steps)
-    d = _check_delta(delta)
+    z = _checks.noise_multiplier(noise_multiplier)
+    q = _checks.sampling_rate(sampling_rate)
+    t = _checks.integer("steps", steps, 1)
+    d = _checks.delta(delta)
     acc = _check_accountant(accountant)
     disc = _check_pld_discretization(pld_discretization)
     if z == 0.0:
         return math.inf
-    return _epsilon_of_event(make_step_event(z, q, t), d, acc, disc)
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                               accountant: str = "pld", profile_noise_ratio: float | None = None, *,
-                               pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-                               tol: float = 1e-7) -> float:
-    """Smallest gradient noise multiplier ``sigma`` meeting ``(target_epsilon, delta)``.
-
-    The run is ``steps`` Poisson-sampled (rate ``sampling_rate``) Gaussian
-    steps, add-or-remove-one neighbours, as in :func:`compute_epsilon`. The
-    search is ``dp_accounting.calibrate_dp_mechanism`` (Brent's method) on an
-    explicit bracket found here, with tolerance ``tol`` on the multiplier; the
-    returned multiplier's epsilon is at most ``target_epsilon``.
-
-    With ``profile_noise_ratio=r`` (the ``private_profile`` estimator releases
-    a K-vector with multiplier ``sigma_u = r * sigma`` from the same sample),
-    the step's multiplier is ``z_eff = sigma / sqrt(1 + r^-2)``; calibration
-    solves for ``z_eff`` and returns ``sigma`` (the gradient's multiplier).
-    """
-    eps = _check_epsilon(target_epsilon, "target_epsilon")
-    d = _check_delta(delta)
-    q = _check_sampling_rate(sampling_rate)
-    t = _check_steps(steps)
-    acc = _check_accountant(accountant)
-    disc = _check_pld_discretization(pld_discretization)
-    tol = _as_float("tol", tol)
-    if not tol > 0.0:
-        raise ValueError(f"tol={tol!r} is outside (0, inf)")
-    ratio = None
-    if profile_noise_ratio is not None:
-        ratio = _as_float("profile_noise_ratio", profile_noise_ratio)
-        if not ratio > 0.0:
-            raise ValueError(f"profile_noise_ratio={profile_noise_ratio!r} is outside (0, inf]")
-
-    def gap(z: float) -> float:
-        return _epsilon_of_event(make_step_event(z, q, t), d, acc, disc) - eps
-
-    # Explicit bracket [lo, hi] with gap(lo) > 0 >= gap(hi), found by
-    # doubling / halving from z = 1 (epsilon decreases in z).
-    lo = hi = 1.0
-    if gap(1.0) > 0.0:
-        for _ in range(60):
-            lo, hi = hi, hi * 2.0
-            if gap(hi) <= 0.0:
-                break
-        else:
-            raise ValueError(
-                f"target_epsilon={target_epsilon!r} is unreachable: no noise multiplier up to {hi:g} "
-                f"meets it at delta={delta!r}, sampling_rate={sampling_rate!r}, steps={steps!r}")
-    else:
-        for _ in range(60):
-            lo, hi = lo / 2.0, lo
-            if gap(lo) > 0.0:
-                break
-        else:
-            raise ValueError(
-                f"target_epsilon={target_epsilon!r} is met by every noise multiplier down to {lo:g}; "
-                "calibration is meaningless at this setting")
-
-    z_eff = float(dp_accounting.calibrate_dp_mechanism(
-        lambda: _make_accountant(acc, disc),
-        lambda z: make_step_event(z, q, t),
-        eps, d,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
-        tol=tol,
-    ))
-    if ratio is None:
-        return z_eff
-    sigma = z_eff * math.sqrt(1.0 + ratio ** -2)
-    # Guard against rounding: the effective multiplier recomputed from the
-    # returned sigma must not fall below the calibrated one.
-    while _combine(sigma, ratio * sigma) < z_eff:
-        sigma = math.nextafter(sigma, math.inf)
-    return sigma
+    return epsilon_of_event(make_step_event(z, q, t), d, acc, disc)
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +203,7 @@ def _flatten_scales(scales: Any) -> np.ndarray:
     return np.concatenate(leaves)
 
 
-def _combine(z: float, sigma_u: float) -> float:
+def combine_noise_multipliers(z: float, sigma_u: float) -> float:
     """``(z^-2 + sigma_u^-2)^(-1/2)``, with 0 absorbing (no noise => no privacy)."""
     if z == 0.0 or sigma_u == 0.0:
         return 0.0
@@ -375,9 +230,8 @@ def effective_noise_multiplier(noise_multiplier: float, scales: Any, clipping: s
     (sensitivity 1, same sample): ``(z^-2 + sigma_u^-2)^(-1/2)``. The bound
     is for add-or-remove-one neighbours.
     """
-    sigma = _check_noise_multiplier(noise_multiplier)
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_MODES}")
+    sigma = _checks.noise_multiplier(noise_multiplier)
+    _checks.one_of("clipping", clipping, CLIPPING_MODES)
     s = _flatten_scales(scales)
     if s.size == 0:
         raise ValueError(f"scales={scales!r} is empty: at least one group scale is required")
@@ -387,8 +241,8 @@ def effective_noise_multiplier(noise_multiplier: float, scales: Any, clipping: s
             f"scales must be positive and finite; got {s[bad][:5].tolist()} (scales are in (0, inf))")
     z = sigma if clipping == "elliptical" else sigma * float(s.min())
     if profile_noise_multiplier is not None:
-        sigma_u = _check_noise_multiplier(profile_noise_multiplier, "profile_noise_multiplier")
-        z = _combine(z, sigma_u)
+        sigma_u = _checks.noise_multiplier(profile_noise_multiplier, "profile_noise_multiplier")
+        z = combine_noise_multipliers(z, sigma_u)
     return float(z)
 
 
@@ -430,14 +284,11 @@ class PrivacyLedger:
                  reference_noise_multiplier: float | None = None,
                  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION):
         self._accountant = _check_accountant(accountant)
-        g = _as_float("grid", grid)
-        if not (0.0 <= g < 1.0):
-            raise ValueError(f"grid={grid!r} is outside [0, 1)")
-        self._grid = g
+        self._grid = _checks.in_interval("grid", grid, "[0, 1)")
         self._pld_discretization = _check_pld_discretization(pld_discretization)
         self._anchor: float | None = None
         if reference_noise_multiplier is not None:
-            a = _check_noise_multiplier(reference_noise_multiplier, "reference_noise_multiplier")
+            a = _checks.noise_multiplier(reference_noise_multiplier, "reference_noise_multiplier")
             if a == 0.0:
                 raise ValueError(
                     f"reference_noise_multiplier={reference_noise_multiplier!r} is outside (0, inf)")
@@ -498,9 +349,9 @@ class PrivacyLedger:
 
     def record(self, sampling_rate: float, noise_multiplier: float, count: int = 1) -> None:
         """Record ``count`` steps at rate ``sampling_rate`` and effective multiplier ``noise_multiplier``."""
-        q = _check_sampling_rate(sampling_rate)
-        c = _check_int("count", count, 1)
-        z = self._round_down(_check_noise_multiplier(noise_multiplier))
+        q = _checks.sampling_rate(sampling_rate)
+        c = _checks.integer("count", count, 1)
+        z = self._round_down(_checks.noise_multiplier(noise_multiplier))
         if self._runs and self._runs[-1][0] == q and self._runs[-1][1] == z:
             self._runs[-1][2] += c
         else:
@@ -533,7 +384,7 @@ class PrivacyLedger:
         Bounds the composition of the recorded Poisson-sampled Gaussian steps,
         add-or-remove-one neighbours; ``inf`` if any step had multiplier 0.
         """
-        d = _check_delta(delta)
+        d = _checks.delta(delta)
         if not self._runs:
             return 0.0
         merged = self._merged()
@@ -543,7 +394,7 @@ class PrivacyLedger:
         if any(z == 0.0 for _, z, _ in merged):
             eps = math.inf
         else:
-            eps = _epsilon_of_event(self.dp_event(), d, self._accountant, self._pld_discretization)
+            eps = epsilon_of_event(self.dp_event(), d, self._accountant, self._pld_discretization)
         if len(self._cache) >= 16:
             self._cache.clear()
         self._cache[key] = eps
@@ -590,9 +441,9 @@ class PrivacyLedger:
                 f"state_dict arrays differ in length: sampling_rates {rates.shape}, "
                 f"noise_multipliers {mults.shape}, counts {counts.shape}")
         for q, z, c in zip(rates.tolist(), mults.tolist(), counts.tolist()):
-            _check_sampling_rate(q)
-            _check_noise_multiplier(z)
-            _check_int("count", c, 1)
+            _checks.sampling_rate(q)
+            _checks.noise_multiplier(z)
+            _checks.integer("count", c, 1)
             # Values were already rounded when first recorded: restore verbatim.
             ledger._runs.append([q, z, c])
         return ledger

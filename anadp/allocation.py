@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from anadp import _checks
+
 GROUPINGS = ("array", "layer")
 _LAYER_NAME = re.compile(r"^layer_(\d+)$")
 
@@ -73,8 +75,7 @@ def make_groups(params: Any, grouping: str = "array") -> Groups:
         a LoRA factor) or "layer" (one group per transformer layer `layer_<i>`;
         leaves outside the layers are grouped by their module).
     """
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping={grouping!r} is not one of {GROUPINGS}")
+    _checks.one_of("grouping", grouping, GROUPINGS)
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("params has no leaves: nothing to group")
@@ -116,10 +117,8 @@ def uniform_scales(groups: Groups) -> jax.Array:
 def check_allocation_args(gamma: float, rho: float, warmup_steps: int) -> None:
     if not np.isfinite(gamma):
         raise ValueError(f"gamma={gamma} must be a finite number (0 gives DP-SGD)")
-    if not rho >= 1.0:
-        raise ValueError(f"rho={rho} must be >= 1 (1 forces uniform noise)")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+    _checks.at_least("rho", rho, 1, note=" (1 forces uniform noise)")
+    _checks.integer("warmup_steps", warmup_steps, 0)
 
 
 def min_noise_scale(sizes: np.ndarray, rho: float) -> float:
@@ -138,8 +137,7 @@ def min_noise_scale(sizes: np.ndarray, rho: float) -> float:
     d = np.asarray(sizes, np.float64)
     if d.size == 0 or np.any(d <= 0):
         raise ValueError(f"group sizes must be positive, got {d.tolist()[:5]}")
-    if not rho >= 1.0:
-        raise ValueError(f"rho={rho} must be >= 1")
+    _checks.at_least("rho", rho, 1)
     total, smallest = float(d.sum()), float(d.min())
     if d.size == 1:
         return 1.0

@@ -1,11 +1,14 @@
 """Empirical privacy auditing of the privatiser: a measured lower bound on epsilon.
 
 An accountant states what a mechanism promises; an audit measures what it
-leaks. This module runs the mechanism of `anadp.privatize` (the code path used
-in training) many times with and without an auditor-chosen canary, lets an
-auditor guess from the releases alone whether the canary was there, and turns
-the guesses into an epsilon that holds as a lower bound with a stated
-confidence. A bound above the epsilon an accountant reports is proof (up to
+leaks. This module runs `anadp.privatize` many times with and without an
+auditor-chosen canary, lets an auditor guess from the releases alone whether
+the canary was there, and turns the guesses into an epsilon that holds as a
+lower bound with a stated confidence (`anadp.audit_statistics`). `privatize`
+is not training's code path (training clips with its engine, vmap or ghost,
+and releases with `Mechanism.release`), but it ends in the same privatiser,
+`noise.add_noise`, on a clipped sum from `clipping.clipped_sum`, which the
+tests check against the memory and ghost paths. A bound above the epsilon an accountant reports is proof (up to
 the stated confidence) that the report is wrong; a bound below it is
 consistent with the report but proves nothing about its tightness beyond
 what the bound shows.
@@ -54,28 +57,8 @@ alternative against the null,
 the Neyman-Pearson statistic for this pair of hypotheses when the mechanism
 meets its contract (for q = 1 it is an affine function of sum_t x_t). The
 statistic is only a choice: the bound below is valid whatever the auditor
-computes, since its threshold is chosen on data not used for the bound.
-
-From guesses to epsilon (repeated trials, Clopper-Pearson)
-----------------------------------------------------------
-A mechanism that is (epsilon, delta)-DP forces every test of H0 against H1 to
-satisfy (Kairouz, Oh and Viswanath 2015)
-
-    FPR + e^epsilon FNR >= 1 - delta   and   FNR + e^epsilon FPR >= 1 - delta,
-
-so epsilon >= max(log((1 - delta - FNR) / FPR), log((1 - delta - FPR) / FNR)).
-With `n` independent trials under each hypothesis, the trials of each
-hypothesis are split in two halves. On the first half the auditor picks the
-threshold ("guess present when score > threshold") that maximises the bound
-computed on that half; on the second half it counts false positives and false
-negatives, bounds FPR and FNR from above with one-sided Clopper-Pearson
-intervals at level `(1 - confidence) / 2` each, and plugs the upper bounds into
-the inequality. By a union bound both upper bounds hold together with
-probability at least `confidence`, and then the reported epsilon is at most
-the true one. The finite number of trials also caps what can be certified: with
-no error at all on `n_eval` trials per side the bound is about
-`log(n_eval / log(2 / (1 - confidence)))` (the "ceiling" reported with every
-result).
+computes, since its threshold is chosen on data not used for the bound
+(`audit_statistics.audit_scores`: split-threshold, Clopper-Pearson).
 
 This is the repeated-trial hypothesis test, chosen over one-run auditing
 (Steinke, Nasr and Jagielski, NeurIPS 2023). One-run auditing exists to avoid
@@ -83,7 +66,7 @@ training many models; its bound stays well below the true epsilon of a
 Gaussian mechanism beyond small epsilon, however many canaries it uses. Here a
 run of the mechanism costs milliseconds (trials are vectorised with `jax.vmap`
 over noise keys), so repeated trials are affordable, and their bound approaches
-the true epsilon as the number of trials grows, capped only by the ceiling above.
+the true epsilon as the number of trials grows, capped only by the ceiling that the number of trials sets.
 
 Usage (see `experiments/audit.py` for the three mechanisms of issue #8):
 
@@ -98,254 +81,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
-import scipy.special
-import scipy.stats
 
+from anadp import _checks
+from anadp.audit_statistics import AuditResult, audit_scores
 from anadp.clipping import check_clipping
-from anadp.noise import privatize
+from anadp.noise import Mechanism, privatize
 
 BACKGROUNDS = ("zero", "random")
-
-
-# --- statistics ---------------------------------------------------------------
-
-
-def clopper_pearson_upper(successes: Any, trials: Any, alpha: float) -> np.ndarray:
-    """One-sided Clopper-Pearson upper bound on a binomial proportion.
-
-    Returns `p_hi` with `P[p <= p_hi] >= 1 - alpha` for `successes ~ Bin(trials, p)`:
-    the `1 - alpha` quantile of Beta(k + 1, n - k), and 1 when k = n.
-    Vectorised over `successes` (and `trials`).
-    """
-    _check_alpha(alpha)
-    k, n = np.broadcast_arrays(np.asarray(successes, np.float64), np.asarray(trials, np.float64))
-    _check_counts(k, n)
-    full = k >= n
-    b = np.where(full, 1.0, n - k)
-    upper = scipy.special.betaincinv(k + 1.0, b, 1.0 - alpha)
-    return np.where(full, 1.0, upper)
-
-
-def clopper_pearson_lower(successes: Any, trials: Any, alpha: float) -> np.ndarray:
-    """One-sided Clopper-Pearson lower bound: the `alpha` quantile of Beta(k, n - k + 1), 0 when k = 0."""
-    _check_alpha(alpha)
-    k, n = np.broadcast_arrays(np.asarray(successes, np.float64), np.asarray(trials, np.float64))
-    _check_counts(k, n)
-    empty = k <= 0
-    a = np.where(empty, 1.0, k)
-    lower = scipy.special.betaincinv(a, n - k + 1.0, alpha)
-    return np.where(empty, 0.0, lower)
-
-
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha={alpha} must be in (0, 1)")
-
-
-def _check_counts(k: np.ndarray, n: np.ndarray) -> None:
-    if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
-        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {k} of {n}")
-
-
-def epsilon_from_error_rates(fpr: Any, fnr: Any, delta: float) -> np.ndarray:
-    """The smallest epsilon that an (epsilon, delta)-DP mechanism allows for a test with these rates.
-
-    `max(log((1 - delta - fnr) / fpr), log((1 - delta - fpr) / fnr), 0)`, with
-    `log(x / 0) = inf` for x > 0. Plug in upper bounds on the rates to get a
-    lower bound on epsilon.
-    """
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta={delta} must be in [0, 1)")
-    fpr, fnr = np.broadcast_arrays(np.asarray(fpr, np.float64), np.asarray(fnr, np.float64))
-
-    def one_side(num, den):
-        num = np.maximum(num, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
-            return np.log(np.maximum(ratio, 1.0))  # ratio < 1 says nothing: epsilon >= 0
-
-    return np.maximum(one_side(1.0 - delta - fnr, fpr), one_side(1.0 - delta - fpr, fnr))
-
-
-def epsilon_lower_bound(
-    false_positives: Any,
-    num_negatives: Any,
-    false_negatives: Any,
-    num_positives: Any,
-    *,
-    delta: float,
-    confidence: float = 0.95,
-) -> np.ndarray:
-    """Epsilon lower bound from counts, holding with probability >= `confidence`.
-
-    FPR and FNR are bounded from above by one-sided Clopper-Pearson intervals at
-    level `(1 - confidence) / 2` each (a union bound over the two), then
-    `epsilon_from_error_rates` is applied. Vectorised over the counts.
-    """
-    alpha = _split_alpha(confidence)
-    fpr_hi = clopper_pearson_upper(false_positives, num_negatives, alpha)
-    fnr_hi = clopper_pearson_upper(false_negatives, num_positives, alpha)
-    return epsilon_from_error_rates(fpr_hi, fnr_hi, delta)
-
-
-def _split_alpha(confidence: float) -> float:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    return (1.0 - confidence) / 2.0
-
-
-def error_counts(scores_out: np.ndarray, scores_in: np.ndarray, thresholds: Any) -> tuple:
-    """(false positives, false negatives) of "present iff score > threshold" for each threshold."""
-    out_sorted = np.sort(np.asarray(scores_out, np.float64))
-    in_sorted = np.sort(np.asarray(scores_in, np.float64))
-    thresholds = np.asarray(thresholds, np.float64)
-    false_positives = out_sorted.size - np.searchsorted(out_sorted, thresholds, side="right")
-    false_negatives = np.searchsorted(in_sorted, thresholds, side="right")
-    return false_positives, false_negatives
-
-
-class AuditResult(NamedTuple):
-    """The outcome of one audit. Counts are on the evaluation half of the trials.
-
-    Attributes:
-      epsilon_lower_bound: holds with probability >= `confidence`.
-      epsilon_estimate: the same formula with the observed rates (a point
-        estimate, not a bound; inf when an error count is 0).
-      epsilon_ceiling: the largest bound these evaluation sizes can certify
-        (zero errors on both sides).
-      threshold: the decision threshold, chosen on the selection half.
-      false_positives, num_negatives: canary-absent trials guessed present, of how many.
-      false_negatives, num_positives: canary-present trials guessed absent, of how many.
-      fpr_upper, fnr_upper: the Clopper-Pearson upper bounds used.
-      confidence, delta: as requested.
-    """
-
-    epsilon_lower_bound: float
-    epsilon_estimate: float
-    epsilon_ceiling: float
-    threshold: float
-    false_positives: int
-    num_negatives: int
-    false_negatives: int
-    num_positives: int
-    fpr_upper: float
-    fnr_upper: float
-    confidence: float
-    delta: float
-
-
-def audit_scores(
-    scores_out: Any,
-    scores_in: Any,
-    *,
-    delta: float,
-    confidence: float = 0.95,
-    selection_fraction: float = 0.5,
-) -> AuditResult:
-    """Turns the auditor's scores into an epsilon lower bound (split-threshold method).
-
-    Args:
-      scores_out: [n0] scores of independent trials with the canary absent.
-      scores_in: [n1] scores of independent trials with the canary present.
-        Larger scores mean "present". Trials must be i.i.d. within each array.
-      delta: the delta at which epsilon is bounded.
-      confidence: probability with which the bound holds.
-      selection_fraction: the leading fraction of each array used to choose the
-        threshold; the rest is used for the bound.
-
-    Returns:
-      An AuditResult whose counts refer to the evaluation part.
-    """
-    scores_out = np.asarray(scores_out, np.float64).ravel()
-    scores_in = np.asarray(scores_in, np.float64).ravel()
-    if not 0.0 < selection_fraction < 1.0:
-        raise ValueError(f"selection_fraction={selection_fraction} must be in (0, 1)")
-    n_out_sel = int(scores_out.size * selection_fraction)
-    n_in_sel = int(scores_in.size * selection_fraction)
-    if min(n_out_sel, n_in_sel, scores_out.size - n_out_sel, scores_in.size - n_in_sel) < 1:
-        raise ValueError(f"too few trials ({scores_out.size} absent, {scores_in.size} present) to split")
-    if not (np.all(np.isfinite(scores_out)) and np.all(np.isfinite(scores_in))):
-        raise ValueError("scores must be finite")
-    sel_out, eval_out = scores_out[:n_out_sel], scores_out[n_out_sel:]
-    sel_in, eval_in = scores_in[:n_in_sel], scores_in[n_in_sel:]
-
-    # Candidates: every observed selection score, plus "everything present".
-    candidates = np.concatenate([[-np.inf], np.unique(np.concatenate([sel_out, sel_in]))])
-    fp, fn = error_counts(sel_out, sel_in, candidates)
-    bounds = epsilon_lower_bound(fp, sel_out.size, fn, sel_in.size, delta=delta, confidence=confidence)
-    # Among thresholds tied at the best bound, take the middle of the tied range
-    # (for separated scores: halfway between the classes, not at the edge of one).
-    first = int(np.argmax(bounds))
-    last = first
-    while last + 1 < candidates.size and bounds[last + 1] >= bounds[first]:
-        last += 1
-    upper = candidates[last + 1] if last + 1 < candidates.size else candidates[last]
-    threshold = float(0.5 * (candidates[first] + upper)) if np.isfinite(candidates[first]) else float(candidates[first])
-
-    fp, fn = error_counts(eval_out, eval_in, threshold)
-    fp, fn = int(fp), int(fn)
-    alpha = _split_alpha(confidence)
-    fpr_hi = float(clopper_pearson_upper(fp, eval_out.size, alpha))
-    fnr_hi = float(clopper_pearson_upper(fn, eval_in.size, alpha))
-    return AuditResult(
-        epsilon_lower_bound=float(epsilon_from_error_rates(fpr_hi, fnr_hi, delta)),
-        epsilon_estimate=float(epsilon_from_error_rates(fp / eval_out.size, fn / eval_in.size, delta)),
-        epsilon_ceiling=float(
-            epsilon_lower_bound(0, eval_out.size, 0, eval_in.size, delta=delta, confidence=confidence)
-        ),
-        threshold=threshold,
-        false_positives=fp,
-        num_negatives=int(eval_out.size),
-        false_negatives=fn,
-        num_positives=int(eval_in.size),
-        fpr_upper=fpr_hi,
-        fnr_upper=fnr_hi,
-        confidence=confidence,
-        delta=delta,
-    )
-
-
-def gaussian_dp_epsilon(mu: float, delta: float) -> float:
-    """Epsilon of a mu-Gaussian-DP mechanism at `delta` (Balle and Wang 2018; Dong et al. 2022).
-
-    Solves `Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) = delta`. This is
-    exact for T full-batch Gaussian steps (q = 1) with mu = sqrt(T) / sigma, and
-    serves as an independent check of the accountant in that case.
-    """
-    if mu < 0 or not 0.0 < delta < 1.0:
-        raise ValueError(f"need mu >= 0 and delta in (0, 1), got mu={mu}, delta={delta}")
-    if mu == 0:
-        return 0.0
-    norm = scipy.stats.norm
-
-    def excess(eps):
-        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)) - delta
-
-    if excess(0.0) <= 0:
-        return 0.0
-    hi = 1.0
-    while excess(hi) > 0:
-        hi *= 2.0
-    return float(scipy.optimize.brentq(excess, 0.0, hi, xtol=1e-12))
-
-
-def attainable_gaussian_bound(mu: float, num_eval: int, *, delta: float, confidence: float = 0.95) -> float:
-    """The bound an audit with `num_eval` evaluation trials per hypothesis would report
-    against an exactly mu-Gaussian-DP mechanism with N(0, 1) / N(mu, 1) scores, with
-    error counts at their expected values and the best threshold. For reading a
-    full-batch audit: how close these trial counts can get to the true epsilon."""
-    thresholds = np.linspace(-10.0, mu + 10.0, 20_001)
-    fp = np.round(num_eval * scipy.stats.norm.sf(thresholds))
-    fn = np.round(num_eval * scipy.stats.norm.cdf(thresholds - mu))
-    bounds = epsilon_lower_bound(fp, num_eval, fn, num_eval, delta=delta, confidence=confidence)
-    return float(bounds.max())
 
 
 # --- the canary run -------------------------------------------------------------
@@ -394,20 +141,15 @@ class CanaryRun:
                 raise ValueError(f"group_scales={self.group_scales} needs one scale per group {self.group_sizes}")
             if any(not s > 0 for s in self.group_scales):
                 raise ValueError(f"group_scales={self.group_scales} must be > 0")
-        if self.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier={self.noise_multiplier} must be >= 0")
-        if not 0.0 < self.sampling_rate <= 1.0:
-            raise ValueError(f"sampling_rate={self.sampling_rate} must be in (0, 1]")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if not self.l2_norm_clip > 0 or not self.canary_norm > 0:
-            raise ValueError("l2_norm_clip and canary_norm must be > 0")
+        _checks.noise_multiplier(self.noise_multiplier)
+        _checks.sampling_rate(self.sampling_rate)
+        _checks.integer("steps", self.steps, 1)
+        _checks.at_least("l2_norm_clip", self.l2_norm_clip, 0, strict=True)
+        _checks.at_least("canary_norm", self.canary_norm, 0, strict=True)
         if self.canary_group is not None and not 0 <= self.canary_group < len(self.group_sizes):
             raise ValueError(f"canary_group={self.canary_group} is not a group index")
-        if self.num_background < 0:
-            raise ValueError(f"num_background={self.num_background} must be >= 0")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"background={self.background!r} is not one of {BACKGROUNDS}")
+        _checks.integer("num_background", self.num_background, 0)
+        _checks.one_of("background", self.background, BACKGROUNDS)
 
     @property
     def scales(self) -> np.ndarray:
@@ -457,29 +199,22 @@ class CanaryRun:
         """One scalar per group leaf; ones for DP-SGD (as `Mechanism` passes them)."""
         return {name: jnp.float32(s) for name, s in zip(self._names(), self.scales)}
 
+    def mechanism(self) -> Mechanism:
+        """The mechanism this run releases through, for its accounting (DP-SGD
+        without an allocation, ANADP with one); the releases themselves go
+        through `privatize` with `mechanism_args()`."""
+        return Mechanism(self.l2_norm_clip, self.noise_multiplier, self.expected_batch_size,
+                         adaptive=self.group_scales is not None, clipping=self.clipping)
+
     def mechanism_args(self) -> dict:
-        """The run's numbers, passed to the jitted functions as traced arguments
-        (so that runs of the same shape share one compilation)."""
+        """The `privatize` arguments of the run, passed to the jitted functions as
+        traced arguments (so that runs of the same shape share one compilation)."""
         return dict(
             scales=self.scale_tree(),
             noise_multiplier=jnp.float32(self.noise_multiplier),
             l2_norm_clip=jnp.float32(self.l2_norm_clip),
             expected_batch_size=jnp.float32(self.expected_batch_size),
         )
-
-
-def _release(grads, key, mask, *, scales, noise_multiplier, l2_norm_clip, expected_batch_size, clipping):
-    """One release of the mechanism under audit: `anadp.privatize`, unchanged."""
-    return privatize(
-        grads,
-        scales,
-        key,
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size,
-        clipping=clipping,
-        mask=mask,
-    )
 
 
 @functools.partial(jax.jit, static_argnames=("clipping",))
@@ -489,8 +224,8 @@ def _noiseless_releases(grads, mechanism, *, clipping):
     num_rows = jax.tree_util.tree_leaves(grads)[0].shape[0]
     key = jax.random.PRNGKey(0)  # unused at zero noise
     without = jnp.ones([num_rows], jnp.float32).at[0].set(0.0)
-    baseline = _release(grads, key, without, clipping=clipping, **mechanism)
-    full = _release(grads, key, jnp.ones([num_rows], jnp.float32), clipping=clipping, **mechanism)
+    baseline = privatize(grads, key=key, mask=without, clipping=clipping, **mechanism)
+    full = privatize(grads, key=key, mask=jnp.ones([num_rows], jnp.float32), clipping=clipping, **mechanism)
     return baseline, jax.tree_util.tree_map(jnp.subtract, full, baseline)
 
 
@@ -572,7 +307,7 @@ def _trial_scores(trial_keys, present, grads, mechanism, sampling_rate, auditor,
         include_key, noise_key = jax.random.split(step_key)
         include = present * jax.random.bernoulli(include_key, q).astype(jnp.float32)
         mask = background_mask.at[0].set(include)
-        released = _release(grads, noise_key, mask, clipping=clipping, **mechanism)
+        released = privatize(grads, key=noise_key, mask=mask, clipping=clipping, **mechanism)
         # Everything below sees only the release and public precomputations.
         x = sum(
             jnp.vdot(r - b, w)
@@ -599,15 +334,8 @@ class CanaryAudit(NamedTuple):
     scores_in: np.ndarray
 
 
-def run_audit(
-    run: CanaryRun,
-    *,
-    num_trials: int,
-    seed: int,
-    delta: float,
-    confidence: float = 0.95,
-    chunk_size: int = 256,
-) -> CanaryAudit:
+def run_audit(run: CanaryRun, *, num_trials: int, seed: int, delta: float, confidence: float = 0.95,
+              chunk_size: int = 256) -> CanaryAudit:
     """Audits `run`: `num_trials` trials with the canary absent and as many present.
 
     Half of each are used to choose the threshold, half to bound epsilon (so
@@ -623,9 +351,3 @@ def run_audit(
     return CanaryAudit(result, auditor.signal, scores_out, scores_in)
 
 
-def gaussian_dp_mu_estimate(scores_out: Sequence[float], scores_in: Sequence[float]) -> float:
-    """Point estimate of mu for full-batch runs (q = 1), where both scores are Gaussian
-    with equal variance: (mean_in - mean_out) / std_out. Not a bound."""
-    scores_out = np.asarray(scores_out, np.float64)
-    scores_in = np.asarray(scores_in, np.float64)
-    return float((scores_in.mean() - scores_out.mean()) / scores_out.std(ddof=1))

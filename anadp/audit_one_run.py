@@ -85,6 +85,8 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
+from anadp import _checks
+
 # Tags mixed into the seeds of the two generators below, so that one integer
 # passed as both seeds still gives unrelated streams.
 _CANARY_STREAM = 0x43414E41  # "CANA"
@@ -97,17 +99,14 @@ _EPS_TOL = 1e-9
 
 def _check_confidence(confidence: float) -> float:
     """Validate `confidence` and return the significance level beta = 1 - confidence."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence={confidence} must be in (0, 1)")
-    return 1.0 - confidence
+    return 1.0 - _checks.in_interval("confidence", confidence, "(0, 1)")
 
 
 def _check_counts(num_guesses: int, num_correct: int, num_canaries: int | None) -> None:
-    if int(num_guesses) != num_guesses or num_guesses < 0:
-        raise ValueError(f"num_guesses={num_guesses} must be an integer >= 0")
-    if int(num_correct) != num_correct or not 0 <= num_correct <= num_guesses:
+    _checks.integer("num_guesses", num_guesses, 0)
+    if not _checks.is_integer(num_correct) or not 0 <= num_correct <= num_guesses:
         raise ValueError(f"num_correct={num_correct} must be an integer in [0, num_guesses={num_guesses}]")
-    if num_canaries is not None and (int(num_canaries) != num_canaries or num_canaries < num_guesses):
+    if num_canaries is not None and (not _checks.is_integer(num_canaries) or num_canaries < num_guesses):
         raise ValueError(f"num_canaries={num_canaries} must be an integer >= num_guesses={num_guesses}")
 
 
@@ -214,8 +213,7 @@ def perfect_guesser_bound(num_guesses: int, *, confidence: float = 0.95) -> floa
     logit(beta^(1/r)): the most that r guesses can certify at this confidence.
     """
     beta = _check_confidence(confidence)
-    if int(num_guesses) != num_guesses or num_guesses < 1:
-        raise ValueError(f"num_guesses={num_guesses} must be an integer >= 1")
+    _checks.integer("num_guesses", num_guesses, 1)
     log_q = math.log(beta) / num_guesses  # < 0
     return -math.log(math.expm1(-log_q))  # logit(q) = -log(1/q - 1)
 
@@ -315,12 +313,9 @@ def make_canaries(
     redrawn), so no two canaries share a text with different labels.
     Deterministic in `seed`.
     """
-    if int(num) != num or num < 1:
-        raise ValueError(f"num={num} must be an integer >= 1")
-    if int(length) != length or length < 1:
-        raise ValueError(f"length={length} must be an integer >= 1")
-    if int(num_labels) != num_labels or num_labels < 2:
-        raise ValueError(f"num_labels={num_labels} must be an integer >= 2")
+    _checks.integer("num", num, 1)
+    _checks.integer("length", length, 1)
+    _checks.integer("num_labels", num_labels, 2)
     words = list(vocab_words)
     if not words or not all(isinstance(w, str) and w.strip() for w in words):
         raise ValueError("vocab_words must be a non-empty sequence of non-blank strings")
@@ -349,8 +344,7 @@ def draw_inclusion(num: int, seed: int) -> np.ndarray:
     their own: `seed` should be chosen apart from the training seed (and one
     integer used for both `make_canaries` and here still gives unrelated draws).
     """
-    if int(num) != num or num < 1:
-        raise ValueError(f"num={num} must be an integer >= 1")
+    _checks.integer("num", num, 1)
     rng = np.random.default_rng([int(seed), _INCLUSION_STREAM])
     return rng.random(num) < 0.5
 

@@ -22,7 +22,8 @@ mechanism's sensitivity needs, so the privacy guarantee is the same for either.
 In both modes every example's contribution to the returned sum has norm at most
 C (in the space the noise is added in), and a row whose mask is 0 contributes
 exactly zero. Nothing computed here is public: the sums must go through
-`noise.release` before anything derived from them leaves the step.
+`noise.Mechanism.release` (or `noise.privatize`) before anything derived from them
+leaves the step.
 
 Non-finite rows: an example whose gradient has a NaN or inf entry (an overflow
 in its forward pass, a corrupt input) gets clip factor 0 and contributes
@@ -54,7 +55,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from anadp import allocation
+from anadp import _checks, allocation
 from anadp.accounting import CLIPPING_MODES
 from anadp.allocation import Groups
 
@@ -67,12 +68,17 @@ DEFAULT_AUTOMATIC_R = 0.01  # r of "automatic": public, small against typical no
 FULL_FLOAT32 = jax.lax.Precision.HIGHEST
 
 
-class ClippedSum(NamedTuple):
-    """Sums over a batch of clipped per-example contributions (not yet private).
+class GradientSum(NamedTuple):
+    """A batch's summed gradients (not private): what clipping hands to the mechanism.
+
+    On the private path (`clipped_sum`, `clipped_grad_sum`, `anadp.ghost`) the
+    per-example contributions are clipped, and only `noise.Mechanism.release`
+    or `noise.privatize` may turn the sum into something public. Non-private
+    training carries its plain (unclipped) gradient sum in the same type.
 
     Attributes:
-      grads: sum of clipped gradients: whitened (h) for elliptical clipping,
-        raw (g) for global clipping; a tree like the params.
+      grads: the summed gradients, a tree like the params. Clipped: whitened
+        (h) for elliptical clipping, raw (g) for global clipping.
       profile: [K] sum of per-example norm profiles u_i (each of norm <= 1), or
         None when no estimator needs it.
     """
@@ -81,23 +87,21 @@ class ClippedSum(NamedTuple):
     profile: jax.Array | None = None
 
 
-def add_clipped_sums(a: ClippedSum, b: ClippedSum) -> ClippedSum:
-    """The sum of two clipped sums (of the same parameters): gradients and profiles
+def add_gradient_sums(a: GradientSum, b: GradientSum) -> GradientSum:
+    """The sum of two gradient sums (of the same parameters): gradients and profiles
     added. Refuses to add a sum that has a profile to one that has none."""
     if (a.profile is None) != (b.profile is None):
         raise ValueError("cannot add a clipped sum with a profile to one without")
     grads = jax.tree_util.tree_map(jnp.add, a.grads, b.grads)
-    return ClippedSum(grads, None if a.profile is None else a.profile + b.profile)
+    return GradientSum(grads, None if a.profile is None else a.profile + b.profile)
 
 
 def check_clipping(clipping: str) -> None:
-    if clipping not in CLIPPING_MODES:
-        raise ValueError(f"clipping={clipping!r} is not one of {CLIPPING_MODES}")
+    _checks.one_of("clipping", clipping, CLIPPING_MODES)
 
 
 def check_clip_fn(clip_fn: str, automatic_r: float = DEFAULT_AUTOMATIC_R) -> None:
-    if clip_fn not in CLIP_FNS:
-        raise ValueError(f"clip_fn={clip_fn!r} is not one of {CLIP_FNS}")
+    _checks.one_of("clip_fn", clip_fn, CLIP_FNS)
     # A traced r (inside jit) cannot be checked here; Mechanism and the config check theirs.
     if isinstance(automatic_r, numbers.Real) and not 0 < automatic_r < math.inf:
         raise ValueError(f"automatic_r={automatic_r} must be in (0, inf)")
@@ -129,7 +133,7 @@ def clipped_sum(
     groups: Groups | None = None,
     clip_fn: str = "clip",
     automatic_r: float = DEFAULT_AUTOMATIC_R,
-) -> ClippedSum:
+) -> GradientSum:
     """Clips each example's gradient and sums over the batch.
 
     Args:
@@ -147,7 +151,7 @@ def clipped_sum(
       automatic_r: r > 0 of "automatic".
 
     Returns:
-      A ClippedSum. Each example adds at most C to the norm of `grads` (in the
+      A GradientSum. Each example adds at most C to the norm of `grads` (in the
       whitened space for elliptical clipping) and at most 1 to that of `profile`.
     """
     check_clipping(clipping)
@@ -179,7 +183,7 @@ def clipped_sum(
     )
 
     profile = None if groups is None else norm_profile(sq_norms, groups, mask)
-    return ClippedSum(summed, profile)
+    return GradientSum(summed, profile)
 
 
 def clip_factors(
@@ -258,7 +262,7 @@ def clipped_grad_sum(
     groups: Groups | None = None,
     clip_fn: str = "clip",
     automatic_r: float = DEFAULT_AUTOMATIC_R,
-) -> ClippedSum:
+) -> GradientSum:
     """Clipped sum of per-example gradients, computed microbatch by microbatch.
 
     The memory path: per-example gradients exist for one microbatch at a time
@@ -295,9 +299,9 @@ def clipped_grad_sum(
         micro_batch, micro_mask = micro
         grads = per_example_grads(loss_fn, params, micro_batch)
         part = clipped_sum(grads, scales, mask=micro_mask, **clip_args)
-        return add_clipped_sums(total, part), None
+        return add_gradient_sums(total, part), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
+    init = GradientSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
     total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
     return total

@@ -83,7 +83,7 @@ import optax
 from anadp import allocation
 from anadp import clipping as clipping_lib
 from anadp.allocation import Groups
-from anadp.clipping import ClippedSum
+from anadp.clipping import GradientSum
 from anadp.models import modeling
 from anadp.models.lora import LORA_SCALE, combine, flatten_params, unflatten_params
 
@@ -444,7 +444,7 @@ def clipped_grad_sum(
     kernel_norm: str = "auto",
     clip_fn: str = "clip",
     automatic_r: float = clipping_lib.DEFAULT_AUTOMATIC_R,
-) -> ClippedSum:
+) -> GradientSum:
     """`clipping.clipped_grad_sum` of the training loop's per-example loss, by
     ghost norms and book-keeping (see the module docstring).
 
@@ -462,7 +462,7 @@ def clipped_grad_sum(
       Other arguments: as for `clipping.clipped_grad_sum`.
 
     Returns:
-      A ClippedSum equal to `clipping.clipped_grad_sum(train.make_example_loss(model,
+      A GradientSum equal to `clipping.clipped_grad_sum(train.make_example_loss(model,
       frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
     """
     clipping_lib.check_clipping(clipping)
@@ -494,7 +494,7 @@ def clipped_grad_sum(
             l2_norm_clip=l2_norm_clip, clipping_mode=clipping, groups=groups, kernel_norm=kernel_norm,
             clip_fn=clip_fn, automatic_r=automatic_r,
         )
-        return ClippedSum(treedef.unflatten(sums), profile)
+        return GradientSum(treedef.unflatten(sums), profile)
 
     if microbatch_size is None or microbatch_size >= batch_size:
         return one(batch, mask)
@@ -509,9 +509,9 @@ def clipped_grad_sum(
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
 
     def body(total, micro):
-        return clipping_lib.add_clipped_sums(total, one(*micro)), None
+        return clipping_lib.add_gradient_sums(total, one(*micro)), None
 
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable)
-    init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
+    init = GradientSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
     total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
     return total

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anadp import allocation
+from anadp import _checks, allocation
 from anadp.allocation import Groups
 
 ESTIMATORS = ("elementwise", "group_taylor", "signal", "private_profile")
@@ -203,8 +203,7 @@ def make_estimator(name: str, *, beta1: float = 0.85, beta2: float = 0.85) -> Es
     `signal` and `private_profile`); `beta2` the uncertainty EMA rate.
     """
     for label, beta in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{label}={beta} is outside [0, 1)")
+        _checks.in_interval(label, beta, "[0, 1)")
     if name == "elementwise":
         return Estimator(
             _elementwise_init,

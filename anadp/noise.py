@@ -1,23 +1,30 @@
-"""The privatiser: clipped sums -> Gaussian noise -> released mean gradient.
+"""The privatiser: a clipped sum -> Gaussian noise -> the released mean gradient.
 
-`privatize` is the mechanism of one step as a pure function. `Mechanism` holds
-the hyperparameters of a run and carries the state between steps (noise key,
-step count, importance EMAs, the allocation for the next step); its
-`as_transform()` is an optax `GradientTransformation` that takes per-example
-gradients with a leading batch axis, like
-`optax.contrib.differentially_private_aggregate`, so it composes with any
-optax optimiser:
+Clipping (`anadp.clipping`, or `anadp.ghost` for large models) returns a
+batch's clipped sum (a `GradientSum`: gradients and, for `private_profile`,
+the norm profile), and one privatiser consumes it: `add_noise`. The ways in:
 
-    tx = optax.chain(anadp.anadp_aggregate(1.0, 0.9, 256.0, seed=0, gamma=0.5, rho=2.0),
-                     optax.adam(1e-3))
+- `privatize(per_example_grads, scales, key, ...)`: one step as a pure
+  function over per-example gradients with a mask (clip, sum, `add_noise`).
+  The audit (`anadp.audit`) and users' own loops call it.
+- `Mechanism`: a run's hyperparameters, its state between steps (noise key,
+  step count, importance EMAs, the next allocation) and
+  `Mechanism.release(clipped, state, params)`: `add_noise` with the step's
+  key and allocation, then the importance update that sets the next
+  allocation. Training calls `release` on the sums of its clipping engine.
+  The mechanism also says how each step is accounted
+  (`accounted_noise_multiplier`) and calibrates its sigma (`calibrated`).
+- `dp_aggregate(mechanism)`: the same `Mechanism` as an optax
+  `GradientTransformation` over per-example gradients with a leading batch
+  axis, like `optax.contrib.differentially_private_aggregate`, so it composes
+  with any optax optimiser:
 
-The memory path (`Mechanism.release`) takes clipped sums computed microbatch by
-microbatch (`clipping.clipped_grad_sum`) and shares everything after clipping
-with `update`.
+    mechanism = anadp.Mechanism(1.0, 0.9, 256.0, adaptive=True, gamma=0.5, rho=2.0)
+    tx = optax.chain(anadp.dp_aggregate(mechanism), optax.adam(1e-3))
 
 Privacy (METHOD.md): either clip function ("clip", "automatic") bounds an
 example's contribution by C, so the noise and the guarantee do not depend on
-which one is used. With elliptical clipping, the noisy whitened sum
+which one is used. With elliptical clipping (the default), the noisy whitened sum
 `H = sum_i clip_C(g_i / s) + N(0, sigma^2 C^2 I)` is DP-SGD's subsampled
 Gaussian mechanism with multiplier sigma for any fixed allocation s, the
 release `s * H / (qN)` is post-processing, and s at step t+1 is computed only
@@ -34,16 +41,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from anadp import allocation, importance, randomness
+from anadp import _checks, accounting, allocation, calibration, importance, randomness
 from anadp.allocation import Groups
-from anadp.clipping import DEFAULT_AUTOMATIC_R, ClippedSum, check_clip_fn, check_clipping, clipped_sum
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value} must be {bound}")
+from anadp.clipping import DEFAULT_AUTOMATIC_R, GradientSum, check_clip_fn, check_clipping, clipped_sum
 
 
 def gaussian_noise(key: jax.Array, like: Any) -> Any:
@@ -107,6 +107,11 @@ def privatize(
 ) -> Any:
     """One step of the mechanism: clip, sum, add noise, average.
 
+    Stateless: the caller supplies the noise key and the allocation. Training
+    runs the same privatiser (`add_noise`) through `Mechanism.release`, with
+    the run's key schedule and allocation state, on sums from its clipping
+    engine.
+
     Args:
       per_example_grads: tree of arrays with a leading batch axis.
       scales: tree with the gradient's structure, one positive scalar per leaf
@@ -158,11 +163,6 @@ class MechanismState(NamedTuple):
     scales: Any
 
 
-def current_scales(state: MechanismState) -> Any:
-    """The noise scales (a tree like the params) the next step will use."""
-    return state.scales
-
-
 def group_values(leaf_tree: Any, groups: Groups) -> jax.Array:
     """[K] values of a per-leaf tree whose leaves are constant within each group."""
     leaves = jax.tree_util.tree_leaves(leaf_tree)
@@ -176,13 +176,14 @@ def group_values(leaf_tree: Any, groups: Groups) -> jax.Array:
 class Mechanism:
     """DP-SGD or ANADP for one run: hyperparameters plus pure step functions.
 
-    With `adaptive=False` this is DP-SGD (uniform noise, global clipping). With
+    With `adaptive=False` this is DP-SGD: uniform noise (s = 1), where
+    elliptical and global clipping are the same computation. With
     `adaptive=True` the group noise scales follow the importance estimator
-    (ANADP); `clipping="elliptical"` keeps DP-SGD's guarantee exactly,
-    `clipping="global"` is the literal reading of the paper (for comparison).
-    `clip_fn="automatic"` replaces clipping by per-example normalisation
-    C h / (||h|| + automatic_r) in either case, with the same guarantee.
-    Use `dp_sgd_aggregate` / `anadp_aggregate` for the optax transforms.
+    (ANADP); `clipping="elliptical"` (the default) keeps DP-SGD's guarantee
+    exactly, `clipping="global"` is the literal reading of the paper (for
+    comparison). `clip_fn="automatic"` replaces clipping by per-example
+    normalisation C h / (||h|| + automatic_r) in either case, with the same
+    guarantee. `dp_aggregate(mechanism)` is the optax transform.
     """
 
     l2_norm_clip: float
@@ -190,7 +191,7 @@ class Mechanism:
     expected_batch_size: float
     seed: int | None = None
     adaptive: bool = False
-    clipping: str = "global"
+    clipping: str = "elliptical"
     gamma: float = 0.0
     rho: float = 2.0
     warmup_steps: int = 0
@@ -203,20 +204,17 @@ class Mechanism:
     automatic_r: float = DEFAULT_AUTOMATIC_R
 
     def __post_init__(self):
-        _check_positive("l2_norm_clip", self.l2_norm_clip)
-        _check_positive("noise_multiplier", self.noise_multiplier, allow_zero=True)
-        _check_positive("expected_batch_size", self.expected_batch_size)
+        _checks.at_least("l2_norm_clip", self.l2_norm_clip, 0, strict=True)
+        _checks.at_least("noise_multiplier", self.noise_multiplier, 0)
+        _checks.at_least("expected_batch_size", self.expected_batch_size, 0, strict=True)
         check_clipping(self.clipping)
         check_clip_fn(self.clip_fn, self.automatic_r)
         if self.adaptive:
             allocation.check_allocation_args(self.gamma, self.rho, self.warmup_steps)
-            if self.grouping not in allocation.GROUPINGS:
-                raise ValueError(f"grouping={self.grouping!r} is not one of {allocation.GROUPINGS}")
+            _checks.one_of("grouping", self.grouping, allocation.GROUPINGS)
             importance.make_estimator(self.importance, beta1=self.beta1, beta2=self.beta2)
             if self.uses_profile:
-                _check_positive("profile_noise_ratio", self.profile_noise_ratio)
-        elif self.clipping != "global":
-            raise ValueError("DP-SGD (adaptive=False) uses global clipping")
+                _checks.at_least("profile_noise_ratio", self.profile_noise_ratio, 0, strict=True)
 
     # --- static helpers ------------------------------------------------------
 
@@ -266,6 +264,40 @@ class Mechanism:
         uniform = step < max(1, self.warmup_steps)
         return 1.0 if self.clipping == "elliptical" or uniform else float(worst_case_scale)
 
+    # --- accounting (host side) -------------------------------------------------
+
+    def effective_noise_multiplier(self, group_scales: Any = (1.0,)) -> float:
+        """The multiplier z of one step whose allocation was `group_scales` (default uniform).
+
+        sigma for elliptical clipping, sigma * min_k s_k for global clipping,
+        combined with the profile release for `private_profile`
+        (`accounting.effective_noise_multiplier`). For an adaptive run's steps
+        that is the realised multiplier, not a guarantee: the ledger records
+        `accounted_noise_multiplier`.
+        """
+        return accounting.effective_noise_multiplier(
+            self.noise_multiplier, group_scales, self.clipping, self.profile_noise_multiplier
+        )
+
+    def accounted_noise_multiplier(self, step: int, worst_case_scale: float) -> float:
+        """The multiplier z at which step `step` (0-based) is accounted: the run's
+        guarantee composes `PoissonSampledDpEvent(q, GaussianDpEvent(z))` over its
+        steps. `worst_case_scale` is `self.worst_case_scale(params)`."""
+        return self.effective_noise_multiplier([self.accounted_scale(step, worst_case_scale)])
+
+    def calibrated(self, target_epsilon: float, delta: float, sampling_rate: float, steps: int,
+                   accountant: str = "pld") -> Mechanism:
+        """This mechanism with the smallest sigma whose `steps` steps at rate
+        `sampling_rate` meet `(target_epsilon, delta)` at uniform scales
+        (`calibration.calibrate_noise_multiplier`, the profile release included).
+        The literal variant is calibrated to DP-SGD's claim like the others; its
+        accounted epsilon (worst case) is then above the target."""
+        ratio = self.profile_noise_ratio if self.uses_profile else None
+        sigma = calibration.calibrate_noise_multiplier(
+            target_epsilon, delta, sampling_rate, steps, accountant=accountant, profile_noise_ratio=ratio
+        )
+        return dataclasses.replace(self, noise_multiplier=sigma)
+
     # --- state -----------------------------------------------------------------
 
     def init(self, params: Any, noise_key: jax.Array | None = None) -> MechanismState:
@@ -290,13 +322,13 @@ class Mechanism:
         )
 
     def clip_scales(self, state: MechanismState) -> Any:
-        """The per-leaf scales to whiten with before clipping (None for DP-SGD)."""
+        """The per-leaf scales to whiten with before clipping (None for global clipping)."""
         return state.scales if self.clipping == "elliptical" else None
 
     # --- one step ------------------------------------------------------------
 
     def release(
-        self, clipped: ClippedSum, state: MechanismState, params: Any
+        self, clipped: GradientSum, state: MechanismState, params: Any
     ) -> tuple[Any, MechanismState]:
         """Noises clipped sums, releases the mean gradient, updates importance.
 
@@ -345,108 +377,35 @@ class Mechanism:
             scales=allocation.broadcast_to_leaves(next_scales, groups, params),
         )
 
-    def update(
-        self,
-        per_example_grads: Any,
-        state: MechanismState,
-        params: Any,
-        mask: jax.Array | None = None,
-    ) -> tuple[Any, MechanismState]:
-        """Clip, noise and release a batch of per-example gradients."""
+
+def dp_aggregate(mechanism: Mechanism) -> optax.GradientTransformationExtraArgs:
+    """`mechanism` as an optax transform over per-example gradients; put it first in an `optax.chain`.
+
+    `init(params)` is `mechanism.init(params)` (a secret noise key unless the
+    mechanism is seeded). `update(per_example_grads, state, params, mask=None)`
+    takes gradients with a leading batch axis (mask: 0 for padding rows), clips
+    them with the state's allocation (`clipping.clipped_sum`) and returns
+    `mechanism.release` of the clipped sum: the privatised mean gradient and the
+    next state. The step is accounted as `mechanism.accounted_noise_multiplier` says.
+    """
+
+    def init_fn(params):
+        return mechanism.init(params)
+
+    def update_fn(per_example_grads, state, params=None, *, mask=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("the DP aggregate needs params: call update(grads, state, params)")
         clipped = clipped_sum(
             per_example_grads,
-            self.clip_scales(state),
-            l2_norm_clip=self.l2_norm_clip,
-            clipping=self.clipping,
+            mechanism.clip_scales(state),
+            l2_norm_clip=mechanism.l2_norm_clip,
+            clipping=mechanism.clipping,
             mask=mask,
-            groups=self.profile_groups(params),
-            clip_fn=self.clip_fn,
-            automatic_r=self.automatic_r,
+            groups=mechanism.profile_groups(params),
+            clip_fn=mechanism.clip_fn,
+            automatic_r=mechanism.automatic_r,
         )
-        return self.release(clipped, state, params)
+        return mechanism.release(clipped, state, params)
 
-    def as_transform(self) -> optax.GradientTransformationExtraArgs:
-        """This mechanism as an optax transform over per-example gradients.
-
-        `update(per_example_grads, state, params, mask=None)`: per-example
-        gradients with a leading batch axis in, the privatised mean gradient out.
-        Put it first in an `optax.chain`.
-        """
-
-        def init_fn(params):
-            return self.init(params)
-
-        def update_fn(per_example_grads, state, params=None, *, mask=None, **extra_args):
-            del extra_args
-            if params is None:
-                raise ValueError("the DP aggregate needs params: call update(grads, state, params)")
-            return self.update(per_example_grads, state, params, mask=mask)
-
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def dp_sgd_aggregate(
-    l2_norm_clip: float,
-    noise_multiplier: float,
-    expected_batch_size: float,
-    seed: int | None = None,
-    *,
-    clip_fn: str = "clip",
-    automatic_r: float = DEFAULT_AUTOMATIC_R,
-) -> optax.GradientTransformationExtraArgs:
-    """DP-SGD: clip each example to C (or, with clip_fn="automatic", rescale it to
-    C g / (||g|| + r)), sum, add N(0, sigma^2 C^2), divide by qN.
-
-    `seed=None` (the default) draws the noise key from the operating system's
-    entropy at `init`; an int seed makes the noise reproducible by anyone who
-    knows it (research only).
-    """
-    return Mechanism(
-        l2_norm_clip, noise_multiplier, expected_batch_size, seed, clip_fn=clip_fn, automatic_r=automatic_r
-    ).as_transform()
-
-
-def anadp_aggregate(
-    l2_norm_clip: float,
-    noise_multiplier: float,
-    expected_batch_size: float,
-    seed: int | None = None,
-    *,
-    gamma: float = 0.5,
-    rho: float = 2.0,
-    beta1: float = 0.85,
-    beta2: float = 0.85,
-    warmup_steps: int = 0,
-    grouping: str = "array",
-    importance: str = "elementwise",
-    clipping: str = "elliptical",
-    profile_noise_ratio: float = 5.0,
-    clip_fn: str = "clip",
-    automatic_r: float = DEFAULT_AUTOMATIC_R,
-) -> optax.GradientTransformationExtraArgs:
-    """ANADP: importance-weighted noise per parameter group (METHOD.md).
-
-    With the default elliptical clipping a run has exactly DP-SGD's
-    (epsilon, delta) for the same (q, sigma, T) (plus the profile release for
-    `importance="private_profile"`); `clipping="global"` is the literal variant
-    whose steps are only (sigma * min_k s_k)-private. `seed`: as for
-    `dp_sgd_aggregate` (None: a secret key from the operating system).
-    """
-    return Mechanism(
-        l2_norm_clip,
-        noise_multiplier,
-        expected_batch_size,
-        seed,
-        adaptive=True,
-        clipping=clipping,
-        gamma=gamma,
-        rho=rho,
-        warmup_steps=warmup_steps,
-        grouping=grouping,
-        importance=importance,
-        beta1=beta1,
-        beta2=beta2,
-        profile_noise_ratio=profile_noise_ratio,
-        clip_fn=clip_fn,
-        automatic_r=automatic_r,
-    ).as_transform()
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,12 +16,13 @@ so resuming a run at step ``t`` needs only the step index.
 """
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from anadp import _checks
 
 __all__ = [
     "PhysicalBatch",
@@ -31,38 +32,10 @@ __all__ = [
 ]
 
 
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")  # noqa: TRY004 (contract: ValueError)
-    if int(value) < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return int(value)
-
-
-def _real_arg(name: str, value: Any) -> float:
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise ValueError(f"{name}={value!r} must be a real number")  # noqa: TRY004 (contract: ValueError)
-    out = float(value)
-    if math.isnan(out):
-        raise ValueError(f"{name}={value!r} must be a real number, not NaN")
-    return out
-
-
-def _rate_arg(sampling_rate: Any) -> float:
-    q = _real_arg("sampling_rate", sampling_rate)
-    if not (0.0 < q <= 1.0):
-        raise ValueError(f"sampling_rate={sampling_rate!r} is outside (0, 1]")
-    return q
-
-
 def sampling_rate_for(expected_batch_size: float, num_examples: int) -> float:
     """Poisson rate ``q = expected_batch_size / num_examples``, in (0, 1]."""
-    n = _int_arg("num_examples", num_examples, 1)
-    b = _real_arg("expected_batch_size", expected_batch_size)
+    n = _checks.integer("num_examples", num_examples, 1)
+    b = _checks.real("expected_batch_size", expected_batch_size)
     if not (0.0 < b <= n):
         raise ValueError(
             f"expected_batch_size={expected_batch_size!r} is outside (0, num_examples={n}]")
@@ -71,10 +44,8 @@ def sampling_rate_for(expected_batch_size: float, num_examples: int) -> float:
 
 def steps_for_epochs(epochs: float, sampling_rate: float) -> int:
     """Number of steps that visit each example ``epochs`` times in expectation: ``round(epochs / q)`` (>= 1)."""
-    e = _real_arg("epochs", epochs)
-    if not (0.0 < e < math.inf):
-        raise ValueError(f"epochs={epochs!r} is outside (0, inf)")
-    q = _rate_arg(sampling_rate)
+    e = _checks.in_interval("epochs", epochs, "(0, inf)")
+    q = _checks.sampling_rate(sampling_rate)
     return max(1, round(e / q))
 
 
@@ -95,6 +66,7 @@ class PhysicalBatch(NamedTuple):
         return int(np.count_nonzero(self.mask))
 
 
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
 class PoissonSampler:
     """Poisson sampler: each example is in step ``t``'s batch independently with probability ``q``.
 
@@ -106,47 +78,40 @@ class PoissonSampler:
         seed: non-negative integer; step ``t`` uses ``np.random.default_rng([seed, t])``.
     """
 
-    def __init__(self, num_examples: int, sampling_rate: float, physical_batch_size: int, seed: int):
-        self._n = _int_arg("num_examples", num_examples, 1)
-        self._q = _rate_arg(sampling_rate)
-        self._p = _int_arg("physical_batch_size", physical_batch_size, 1)
-        self._seed = _int_arg("seed", seed, 0)
+    num_examples: int
+    sampling_rate: float
+    physical_batch_size: int
+    seed: int
 
-    @property
-    def num_examples(self) -> int:
-        return self._n
-
-    @property
-    def sampling_rate(self) -> float:
-        return self._q
-
-    @property
-    def physical_batch_size(self) -> int:
-        return self._p
-
-    @property
-    def seed(self) -> int:
-        return self._seed
+    def __post_init__(self):
+        # Checked and stored as Python numbers (a frozen dataclass sets its own fields here only).
+        for name, value in (
+            ("num_examples", _checks.integer("num_examples", self.num_examples, 1)),
+            ("sampling_rate", _checks.sampling_rate(self.sampling_rate)),
+            ("physical_batch_size", _checks.integer("physical_batch_size", self.physical_batch_size, 1)),
+            ("seed", _checks.integer("seed", self.seed, 0)),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def expected_batch_size(self) -> float:
         """``q * N``: the mechanism's denominator (never the realised batch size)."""
-        return self._q * self._n
+        return self.sampling_rate * self.num_examples
 
     def __repr__(self) -> str:
         # No seed: it may be a run's secret (anadp.randomness), and reprs end up in logs.
-        return (f"PoissonSampler(num_examples={self._n}, sampling_rate={self._q}, "
-                f"physical_batch_size={self._p})")
+        return (f"PoissonSampler(num_examples={self.num_examples}, sampling_rate={self.sampling_rate}, "
+                f"physical_batch_size={self.physical_batch_size})")
 
     def sample(self, step: int) -> np.ndarray:
         """Sorted int64 indices of the examples drawn at ``step`` (may be empty)."""
-        t = _int_arg("step", step, 0)
-        rng = np.random.default_rng([self._seed, t])
-        return np.flatnonzero(rng.random(self._n) < self._q)
+        t = _checks.integer("step", step, 0)
+        rng = np.random.default_rng([self.seed, t])
+        return np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate)
 
     def num_passes(self, step: int) -> int:
         """Passes needed for ``step``'s draw (at least one)."""
-        return max(1, -(-len(self.sample(step)) // self._p))
+        return max(1, -(-len(self.sample(step)) // self.physical_batch_size))
 
     def batches(self, step: int, sort_by: np.ndarray | None = None) -> list[PhysicalBatch]:
         """``step``'s draw split into padded passes; every drawn index appears exactly once.
@@ -159,7 +124,7 @@ class PoissonSampler:
         drawn = self.sample(step)
         if sort_by is not None:
             drawn = drawn[np.argsort(np.asarray(sort_by)[drawn], kind="stable")]
-        p = self._p
+        p = self.physical_batch_size
         passes = max(1, -(-len(drawn) // p))
         out = []
         for i in range(passes):
@@ -173,12 +138,7 @@ class PoissonSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration (python ints/floats). Resumption needs only this and the step index."""
-        return {
-            "num_examples": self._n,
-            "sampling_rate": self._q,
-            "physical_batch_size": self._p,
-            "seed": self._seed,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> PoissonSampler:

@@ -44,7 +44,7 @@ import optax
 from anadp import accounting, checkpoint, ghost, importance, models, randomness, sampling, sharding
 from anadp import data as data_lib
 from anadp._validate import mechanism_from_config, validate_config
-from anadp.clipping import ClippedSum, add_clipped_sums, clipped_grad_sum
+from anadp.clipping import GradientSum, add_gradient_sums, clipped_grad_sum
 from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
 from anadp.workdir import (
@@ -138,7 +138,7 @@ def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
 class StepFunctions:
     """The jitted pieces of a step. One compilation per batch shape (bucket)."""
 
-    accumulate: Callable  # (trainable, frozen, scales, batch, mask) -> ClippedSum / grad sum
+    accumulate: Callable  # (trainable, frozen, scales, batch, mask) -> GradientSum (clipped, or plain)
     apply: Callable  # (state, summed, realised_count) -> state
     predict: Callable  # (trainable, frozen, batch) -> logits
 
@@ -158,7 +158,7 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
                 losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
                 return jnp.sum(losses * mask)
 
-            return ClippedSum(jax.grad(total_loss)(trainable))
+            return GradientSum(jax.grad(total_loss)(trainable))
 
         def apply(state, summed, realised_count):
             mean = jax.tree_util.tree_map(lambda g: g / jnp.maximum(realised_count, 1.0), summed.grads)
@@ -299,14 +299,14 @@ def device_passes(inputs: StepInputs, step: int):
         yield physical, batch, mask
 
 
-def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainState, frozen, passes) -> ClippedSum:
+def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainState, frozen, passes) -> GradientSum:
     """The (clipped) gradient sums of one step's passes, added; `passes` yields
     (batch, mask) pairs on the devices."""
     scales = mechanism.clip_scales(state.mechanism) if mechanism else None
     summed = None
     for batch, mask in passes:
         part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-        summed = part if summed is None else add_clipped_sums(summed, part)
+        summed = part if summed is None else add_gradient_sums(summed, part)
     return summed
 
 
@@ -346,14 +346,11 @@ class RunAccounting:
         self.noise_multiplier = None
         self.worst_case_scale = 1.0
         if self.private:
-            profiled = p.method == "anadp" and p.importance == "private_profile"
-            profile_ratio = p.profile_noise_ratio if profiled else None
-            self.noise_multiplier = p.noise_multiplier if p.noise_multiplier > 0 else (
-                accounting.calibrate_noise_multiplier(p.epsilon, delta, sampling_rate, total_steps,
-                                                      accountant=p.accountant, profile_noise_ratio=profile_ratio)
-            )
-            self.mechanism = mechanism_from_config(config, noise_multiplier=self.noise_multiplier,
-                                        expected_batch_size=sampling_rate * num_train)
+            self.mechanism = mechanism_from_config(config, noise_multiplier=p.noise_multiplier,
+                                                   expected_batch_size=sampling_rate * num_train)
+            if p.noise_multiplier == 0:  # 0: calibrate sigma to the target epsilon
+                self.mechanism = self.mechanism.calibrated(p.epsilon, delta, sampling_rate, total_steps, p.accountant)
+            self.noise_multiplier = self.mechanism.noise_multiplier
             self.worst_case_scale = self.mechanism.worst_case_scale(trainable)
         # The ledger's anchor is the multiplier at uniform scales; the literal variant
         # also keeps the realised sequence, which is not a guarantee (METHOD.md).
@@ -372,11 +369,9 @@ class RunAccounting:
 
     def step_multiplier(self, step: int, scales: Any = None) -> float:
         """The step's accounted multiplier (worst case), or with `scales` its realised one."""
-        m = self.mechanism
-        group_scales = [m.accounted_scale(step, self.worst_case_scale)] if scales is None else scales
-        return accounting.effective_noise_multiplier(
-            self.noise_multiplier, group_scales, m.clipping, m.profile_noise_multiplier
-        )
+        if scales is None:
+            return self.mechanism.accounted_noise_multiplier(step, self.worst_case_scale)
+        return self.mechanism.effective_noise_multiplier(scales)
 
     def record(self, step: int, state: TrainState) -> None:
         """Accounts `step`, taken from `state` (its realised scales for the literal variant)."""

@@ -5,8 +5,9 @@ auditor-chosen gradient canary absent or present (`anadp.audit`), and the
 auditor's guesses become an epsilon lower bound at 95% confidence. The table
 puts every bound next to the epsilon the run's ledger reports (the
 `accounting.PrivacyLedger` that training keeps, fed with the step's effective
-multiplier exactly as `train.py` does) and next to the epsilon DP-SGD would
-claim at the same (sigma, q, T).
+multiplier that `Mechanism.effective_noise_multiplier` gives for the run's
+fixed allocation) and next to the epsilon DP-SGD would claim at the same
+(sigma, q, T).
 
 Two settings:
   full_batch: q = 1 (every step sees the canary when present), T steps. The
@@ -39,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from anadp import accounting, allocation, audit  # noqa: E402
+from anadp import accounting, allocation, audit, audit_statistics  # noqa: E402
 from experiments.formatting import markdown_table  # noqa: E402
 
 MECHANISMS = (
@@ -106,15 +107,14 @@ def skewed_allocation(sizes, ratio):
     return tuple(float(s) for s in np.asarray(scales))
 
 
-def ledger_epsilon(noise_multiplier, scales, clipping, sampling_rate, steps, delta):
-    """The epsilon training's ledger would report for this run (mirrors train.py)."""
-    reference = accounting.effective_noise_multiplier(noise_multiplier, [1.0], clipping)
-    ledger = accounting.PrivacyLedger("pld", reference_noise_multiplier=reference)
-    if clipping == "global":
-        z = accounting.effective_noise_multiplier(noise_multiplier, list(scales), "global")
-    else:
-        z = reference
-    ledger.record(sampling_rate, z, count=steps)
+def ledger_epsilon(canary_run, delta):
+    """The epsilon the run's ledger reports, and the multiplier it records: the
+    `accounting.PrivacyLedger` that training keeps, fed with the mechanism's
+    effective multiplier at the run's fixed allocation (`Mechanism.effective_noise_multiplier`)."""
+    mechanism = canary_run.mechanism()
+    ledger = accounting.PrivacyLedger("pld", reference_noise_multiplier=mechanism.effective_noise_multiplier())
+    z = mechanism.effective_noise_multiplier(canary_run.group_scales or (1.0,))
+    ledger.record(canary_run.sampling_rate, z, count=canary_run.steps)
     return ledger.epsilon(delta), z
 
 
@@ -152,11 +152,12 @@ def _gaussian_columns(args, outcome, steps, z_eff, full_batch) -> dict:
     r = outcome.result
     mu = math.sqrt(steps) / z_eff
     return dict(
-        gaussian_dp_epsilon=audit.gaussian_dp_epsilon(mu, args.delta),
-        mu_estimate=audit.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in),
+        gaussian_dp_epsilon=audit_statistics.gaussian_dp_epsilon(mu, args.delta),
+        mu_estimate=audit_statistics.gaussian_dp_mu_estimate(outcome.scores_out, outcome.scores_in),
         accounted_mu=mu,
         attainable_epsilon_lower_bound=(
-            audit.attainable_gaussian_bound(mu, r.num_negatives, delta=args.delta, confidence=args.confidence)
+            audit_statistics.attainable_gaussian_bound(mu, r.num_negatives, delta=args.delta,
+                                                       confidence=args.confidence)
             if r.num_negatives == r.num_positives
             else None
         ),
@@ -168,11 +169,11 @@ def audit_mechanism(args, setting, mechanism, sizes, skewed, audit_seed, dpsgd_c
     name, label, clipping, uses_allocation = mechanism
     sigma, q, steps = setting["noise_multiplier"], setting["sampling_rate"], setting["steps"]
     scales = skewed if uses_allocation else None
+    canary_run = _canary_run(args, setting, clipping, sizes, scales, int(np.argmin(skewed)))
     t0 = time.time()
-    ledger_eps, z_eff = ledger_epsilon(sigma, scales if scales else (1.0, 1.0), clipping, q, steps, args.delta)
+    ledger_eps, z_eff = ledger_epsilon(canary_run, args.delta)
     # DP-SGD's own ledger is its claim: the claim's accounting time counts as its row's.
     accounting_s = time.time() - t0 + (dpsgd_claim_s if name == "dpsgd" else 0.0)
-    canary_run = _canary_run(args, setting, clipping, sizes, scales, int(np.argmin(skewed)))
     t0 = time.time()
     outcome = audit.run_audit(canary_run, num_trials=setting["trials"], seed=audit_seed, delta=args.delta,
                               confidence=args.confidence, chunk_size=args.chunk_size)
@@ -239,7 +240,8 @@ def _method_text(args, sizes, skewed, conf) -> list[str]:
         f"chooses one example's gradient (norm C, all of it in the least-noised of two groups, d = {sizes[0]} "
         f"and {sizes[1]}), the {args.num_background} other examples of the batch have fixed "
         "gradients known to it, and it sees every release of a run of T steps of `anadp.privatize` "
-        "(the code path of training), nothing else. Each run has the canary absent, or present "
+        "(the privatiser that training's `Mechanism.release` runs too), nothing else. Each run has "
+        "the canary absent, or present "
         "with Poisson rate q at every step; the auditor scores the run with the likelihood ratio "
         "of the whitened projections of the releases on the canary's direction, picks a threshold "
         "on half of the runs, and bounds its false-positive and false-negative rates on the other "

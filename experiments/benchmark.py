@@ -310,9 +310,7 @@ def main(argv):
             "python": platform.python_version(),
             "jax": jax.__version__,
         },
-        "num_trainable_params": int(
-            sum(np.size(x) for x in jax.tree_util.tree_leaves(models.partition(params, FLAGS.finetune)[0]))
-        ),
+        "num_trainable_params": models.count_params(models.partition(params, FLAGS.finetune)[0]),
         "methods": {},
     }
     prepared = {}

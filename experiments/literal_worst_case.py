@@ -41,9 +41,7 @@ def worst_case(summary: dict) -> tuple[float, float]:
     s_min = mechanism.worst_case_scale(trainable)
     ledger = accounting.PrivacyLedger(config.privacy.accountant, reference_noise_multiplier=summary["noise_multiplier"])
     for step in range(summary["steps"]):
-        scale = mechanism.accounted_scale(step, s_min)
-        ledger.record(summary["sampling_rate"], accounting.effective_noise_multiplier(
-            summary["noise_multiplier"], [scale], "global", mechanism.profile_noise_multiplier))
+        ledger.record(summary["sampling_rate"], mechanism.accounted_noise_multiplier(step, s_min))
     return s_min, ledger.epsilon(summary["delta"])
 
 

@@ -399,7 +399,7 @@ def test_training_step_passes_the_clip_fn(monkeypatch):
 
     def fake_clipped_sum(*args, **kwargs):
         seen.append((kwargs["clip_fn"], kwargs["automatic_r"]))
-        return clipping.ClippedSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        return clipping.GradientSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
 
     monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
     monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)

@@ -1,5 +1,7 @@
 """The mechanism's privacy properties: noise scale, sensitivity, DP-SGD equivalence."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 import anadp
-from anadp import accounting, allocation, clipping, importance
+from anadp import accounting, allocation, calibration, clipping, importance
 from anadp.noise import Mechanism, group_values
 
 C, SIGMA, QN = 1.5, 0.8, 64.0
@@ -29,11 +31,11 @@ def random_per_example(key, params, batch=9):
 @pytest.mark.parametrize("clip_fn", clipping.CLIP_FNS)
 def test_gamma_zero_is_bit_identical_to_dp_sgd(clip_fn):
     params = params_tree()
-    dp = optax.chain(anadp.dp_sgd_aggregate(C, SIGMA, QN, seed=3, clip_fn=clip_fn), optax.adam(1e-2))
-    ad = optax.chain(
-        anadp.anadp_aggregate(C, SIGMA, QN, seed=3, gamma=0.0, rho=4.0, importance="elementwise", clip_fn=clip_fn),
-        optax.adam(1e-2),
-    )
+    dp_sgd = Mechanism(C, SIGMA, QN, seed=3, clipping="global", clip_fn=clip_fn)
+    anadp_gamma0 = Mechanism(C, SIGMA, QN, seed=3, adaptive=True, gamma=0.0, rho=4.0, importance="elementwise",
+                             clip_fn=clip_fn)
+    dp = optax.chain(anadp.dp_aggregate(dp_sgd), optax.adam(1e-2))
+    ad = optax.chain(anadp.dp_aggregate(anadp_gamma0), optax.adam(1e-2))
     p_dp, p_ad = params, params
     s_dp, s_ad = dp.init(params), ad.init(params)
     step_dp, step_ad = jax.jit(dp.update), jax.jit(ad.update)
@@ -45,7 +47,7 @@ def test_gamma_zero_is_bit_identical_to_dp_sgd(clip_fn):
         p_dp, p_ad = optax.apply_updates(p_dp, u_dp), optax.apply_updates(p_ad, u_ad)
         for x, y in zip(jax.tree_util.tree_leaves(p_dp), jax.tree_util.tree_leaves(p_ad)):
             np.testing.assert_array_equal(x, y)
-    for s in jax.tree_util.tree_leaves(anadp.current_scales(s_ad[0])):
+    for s in jax.tree_util.tree_leaves(s_ad[0].scales):
         assert float(s) == 1.0
 
 
@@ -126,7 +128,7 @@ def test_transform_importance_is_fed_only_by_its_releases():
         for t in range(3):
             grads = random_per_example(jax.random.PRNGKey(20 + t), params)
             scales_before = state.scales
-            released, state = jax.jit(mech.update)(grads, state, params)
+            released, state = jax.jit(anadp.dp_aggregate(mech).update)(grads, state, params)
             noise_std = SIGMA * C * group_values(scales_before, groups) / QN
             profile = None
             if name == "private_profile":
@@ -150,9 +152,10 @@ def _released_profile(mech, grads, params, step):
 def test_warmup_keeps_uniform_scales():
     params = params_tree()
     mech = Mechanism(C, SIGMA, QN, adaptive=True, clipping="elliptical", gamma=1.0, rho=4.0, warmup_steps=2)
-    state = mech.init(params)
+    tx = anadp.dp_aggregate(mech)
+    state = tx.init(params)
     for t in range(3):
-        _, state = mech.update(random_per_example(jax.random.PRNGKey(t), params), state, params)
+        _, state = tx.update(random_per_example(jax.random.PRNGKey(t), params), state, params)
         scales = [float(s) for s in jax.tree_util.tree_leaves(state.scales)]
         if t + 1 < 2:
             assert scales == [1.0] * len(scales)
@@ -161,12 +164,12 @@ def test_warmup_keeps_uniform_scales():
 
 def test_noise_key_never_repeats():
     params = params_tree()
-    mech = Mechanism(C, SIGMA, QN)
-    state = mech.init(params)
+    tx = anadp.dp_aggregate(Mechanism(C, SIGMA, QN))
+    state = tx.init(params)
     seen = set()
     zero = jax.tree_util.tree_map(lambda p: jnp.zeros((1,) + p.shape), params)
     for _ in range(5):
-        released, state = mech.update(zero, state, params)
+        released, state = tx.update(zero, state, params)
         fingerprint = float(released["classifier"]["kernel"][0, 0])
         assert fingerprint not in seen
         seen.add(fingerprint)
@@ -202,8 +205,9 @@ def test_logistic_regression_learns_under_jit_at_epsilon_3():
     y = (x @ w_true > 0).astype(np.float32)
     batch, steps = 200, 100
     q = batch / n
-    sigma = accounting.calibrate_noise_multiplier(3.0, 1e-5, q, steps)
-    tx = optax.chain(anadp.anadp_aggregate(1.0, sigma, batch, seed=0, gamma=0.5, rho=2.0), optax.adam(0.05))
+    sigma = calibration.calibrate_noise_multiplier(3.0, 1e-5, q, steps)
+    mechanism = Mechanism(1.0, sigma, batch, seed=0, adaptive=True, gamma=0.5, rho=2.0)
+    tx = optax.chain(anadp.dp_aggregate(mechanism), optax.adam(0.05))
     params = {"w": jnp.zeros(dim), "b": jnp.zeros([])}
 
     def loss(p, ex):
@@ -239,8 +243,9 @@ def test_joint_release_of_gradient_and_profile_has_sensitivity_one_over_z_eff():
     state = mech.init(params)._replace(scales=skewed_scales())
     grads = random_per_example(jax.random.PRNGKey(8), params, batch=6)
     grads = jax.tree_util.tree_map(lambda g: g.at[5].multiply(50.0), grads)  # the added example is large
-    with_adv, state_a = mech.update(grads, state, params, mask=jnp.ones(6))
-    without, state_b = mech.update(grads, state, params, mask=jnp.array([1, 1, 1, 1, 1, 0]))
+    tx = anadp.dp_aggregate(mech)
+    with_adv, state_a = tx.update(grads, state, params, mask=jnp.ones(6))
+    without, state_b = tx.update(grads, state, params, mask=jnp.array([1, 1, 1, 1, 1, 0]))
     grad_part = 0.0
     for x, y, s in zip(jax.tree_util.tree_leaves(with_adv), jax.tree_util.tree_leaves(without),
                        jax.tree_util.tree_leaves(state.scales)):
@@ -266,12 +271,49 @@ def test_automatic_clip_fn_reaches_the_release(adaptive):
     grads = jax.tree_util.tree_map(lambda g: g * jnp.array([0.01, 0.1, 1.0, 10.0, 0.0]).reshape(
         (-1,) + (1,) * (g.ndim - 1)), grads)
     if adaptive:
-        tx = anadp.anadp_aggregate(C, 0.0, QN, gamma=1.0, clip_fn="automatic", automatic_r=r)
+        mechanism = Mechanism(C, 0.0, QN, adaptive=True, gamma=1.0, clip_fn="automatic", automatic_r=r)
     else:
-        tx = anadp.dp_sgd_aggregate(C, 0.0, QN, clip_fn="automatic", automatic_r=r)
+        mechanism = Mechanism(C, 0.0, QN, clipping="global", clip_fn="automatic", automatic_r=r)
+    tx = anadp.dp_aggregate(mechanism)
     released, _ = tx.update(grads, tx.init(params), params)
     leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(grads)]
     norms = np.sqrt(sum(np.sum(x.reshape(5, -1) ** 2, axis=1) for x in leaves))
     factors = C / (norms + r)
     for got, g in zip(jax.tree_util.tree_leaves(released), leaves, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.tensordot(factors, g, axes=1) / QN, rtol=1e-5, atol=1e-9)
+
+
+def test_dp_sgd_is_the_same_computation_with_either_clipping_mode():
+    """At uniform scales elliptical and global clipping coincide bit for bit, so
+    DP-SGD may take the default (elliptical) like every other entry point."""
+    params = params_tree()
+    grads = random_per_example(jax.random.PRNGKey(40), params)
+    mask = jnp.arange(9) < 7
+    released = []
+    for mode in ("elliptical", "global"):
+        tx = anadp.dp_aggregate(Mechanism(C, SIGMA, QN, seed=2, clipping=mode))
+        released.append(jax.jit(tx.update)(grads, tx.init(params), params, mask=mask)[0])
+    for x, y in zip(*(jax.tree_util.tree_leaves(r) for r in released), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert Mechanism(C, SIGMA, QN, adaptive=True).clipping == "elliptical"
+
+
+def test_the_mechanism_says_what_each_step_is_accounted_at():
+    params = params_tree()
+    ratio = 3.0
+    elliptical = Mechanism(C, SIGMA, QN, adaptive=True, gamma=1.0, rho=4.0, importance="private_profile",
+                           profile_noise_ratio=ratio)
+    z_profile = accounting.effective_noise_multiplier(SIGMA, [1.0], "elliptical", ratio * SIGMA)
+    s_min = elliptical.worst_case_scale(params)
+    assert s_min < 1.0
+    assert [elliptical.accounted_noise_multiplier(t, s_min) for t in range(3)] == [z_profile] * 3
+    literal = Mechanism(C, SIGMA, QN, adaptive=True, clipping="global", gamma=1.0, rho=4.0, warmup_steps=2)
+    got = [literal.accounted_noise_multiplier(t, s_min) for t in range(4)]
+    assert got == [SIGMA, SIGMA, SIGMA * s_min, SIGMA * s_min]  # warmup steps are uniform by construction
+    assert literal.effective_noise_multiplier([0.5, 2.0]) == SIGMA * 0.5  # a realised allocation
+    assert Mechanism(C, SIGMA, QN).accounted_noise_multiplier(5, 1.0) == SIGMA
+    # Calibration of a mechanism accounts for its profile release.
+    calibrated = elliptical.calibrated(3.0, 1e-5, 0.05, 50, accountant="rdp")
+    assert calibrated.noise_multiplier == calibration.calibrate_noise_multiplier(
+        3.0, 1e-5, 0.05, 50, accountant="rdp", profile_noise_ratio=ratio)
+    assert dataclasses.replace(calibrated, noise_multiplier=SIGMA) == elliptical

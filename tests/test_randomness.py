@@ -43,5 +43,5 @@ def test_mechanism_without_a_seed_draws_a_secret_key_at_every_init():
     assert not np.array_equal(*keys)
     seeded = Mechanism(1.0, 1.0, 10.0, seed=3)
     np.testing.assert_array_equal(seeded.init(params).noise_key, jax.random.PRNGKey(3))
-    tx = anadp.dp_sgd_aggregate(1.0, 1.0, 10.0)
+    tx = anadp.dp_aggregate(mech)
     assert not np.array_equal(tx.init(params).noise_key, tx.init(params).noise_key)
