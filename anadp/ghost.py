@@ -484,9 +484,6 @@ def clipped_grad_sum(
     else:
         scale_leaves = treedef.flatten_up_to(scales)
     params = combine(trainable, frozen)
-    batch_size = batch["input_ids"].shape[0]
-    if mask is None:
-        mask = jnp.ones([batch_size], jnp.float32)
 
     def one(micro_batch, micro_mask):
         sums, profile = _one_pass(
@@ -496,22 +493,4 @@ def clipped_grad_sum(
         )
         return ClippedSum(treedef.unflatten(sums), profile)
 
-    if microbatch_size is None or microbatch_size >= batch_size:
-        return one(batch, mask)
-    if batch_size % microbatch_size:
-        raise ValueError(
-            f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
-        )
-    num_micro = batch_size // microbatch_size
-
-    def split(x):
-        x = jnp.asarray(x)
-        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
-
-    def body(total, micro):
-        return clipping_lib.add_clipped_sums(total, one(*micro)), None
-
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable)
-    init = ClippedSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
-    total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
-    return total
+    return clipping_lib.sum_microbatches(one, trainable, batch, mask, microbatch_size, groups)
