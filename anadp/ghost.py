@@ -64,7 +64,7 @@ of them is narrower than float32, the records and cotangents pass through one
 `jax.lax.optimization_barrier` (`_pinned`) before anything reads them: every
 consumer then reads the same materialised values.
 
-The loss is the training loop's (`train.make_example_loss`): softmax cross
+The loss is the training loop's (`step_functions.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
 hook, or a module applied more than once, is an error, never a silent
 approximation. Everything returned is as private (i.e. not at all) as
@@ -462,7 +462,7 @@ def clipped_grad_sum(
       Other arguments: as for `clipping.clipped_grad_sum`.
 
     Returns:
-      A ClippedSum equal to `clipping.clipped_grad_sum(train.make_example_loss(model,
+      A ClippedSum equal to `clipping.clipped_grad_sum(step_functions.make_example_loss(model,
       frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
     """
     clipping_lib.check_clipping(clipping)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import anadp.models as M
-from anadp import _validate, allocation, clipping, ghost, train
+from anadp import _validate, allocation, clipping, ghost, step_functions, train
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-5
@@ -77,7 +77,7 @@ def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, 
     groups = None if grouping is None else allocation.make_groups(trainable, grouping)
     rng = np.random.default_rng(3)
     scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.5, 2.0)), trainable)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def run(trainable, frozen, batch, scales):
         per_example = clipping.per_example_grads(loss_fn, trainable, batch)
@@ -171,7 +171,7 @@ def test_both_kernel_norm_methods():
     model, params = tiny_model("bert", "bias")
     trainable, frozen = M.partition(params, "full")
     batch = tiny_batch("bert", rows=4, length=8)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
     kwargs = dict(l2_norm_clip=0.1, clipping="global")
 
     def run(trainable, frozen, batch):
@@ -292,7 +292,7 @@ def test_non_finite_examples_contribute_exactly_nothing():
 
     def run(trainable, clean_trainable, frozen, batch, scales):
         def both(params, mask):
-            loss_fn = train.make_example_loss(model, frozen, False)
+            loss_fn = step_functions.make_example_loss(model, frozen, False)
             return (
                 ghost.clipped_grad_sum(model, params, frozen, batch, scales, mask=mask, microbatch_size=4, **kwargs),
                 clipping.clipped_grad_sum(loss_fn, params, batch, scales, mask=mask, **kwargs),
@@ -402,7 +402,7 @@ def test_training_step_passes_the_clip_fn(monkeypatch):
         return clipping.ClippedSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
 
     monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
-    monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)
+    monkeypatch.setattr(step_functions, "clipped_grad_sum", fake_clipped_sum)
     for engine in _validate.CLIPPING_ENGINES:
         config = base.get_config()
         config.privacy.clip_fn = "automatic"

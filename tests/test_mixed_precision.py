@@ -24,7 +24,7 @@ import pytest
 from launching import launch
 
 import anadp.models as M
-from anadp import checkpoint, clipping, ghost, train
+from anadp import checkpoint, clipping, ghost, step_functions, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -149,7 +149,7 @@ def test_each_whitened_contribution_is_at_most_c_in_bfloat16(kind, finetune, eng
     batch = tiny_batch(kind)
     scales = uneven_scales(trainable)
     one_at_a_time = jnp.eye(8, dtype=jnp.float32)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def one(trainable, frozen, batch, scales, mask, clip, clip_fn):
         kwargs = dict(mask=mask, l2_norm_clip=clip, clipping="elliptical", clip_fn=clip_fn)
@@ -268,7 +268,7 @@ def test_ghost_equals_vmap_in_bfloat16(kind, finetune, mode, microbatch_size, us
     batch = tiny_batch(kind)
     mask = jnp.asarray(np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)) if use_mask else None
     scales = uneven_scales(trainable, seed=3)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def run(trainable, frozen, batch, scales):
         per_example = clipping.per_example_grads(loss_fn, trainable, batch)
