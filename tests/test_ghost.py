@@ -1,59 +1,16 @@
 """Ghost-norm / book-keeping clipping against the vmap path (`clipping.clipped_grad_sum`
 with the training loop's per-example loss), on tiny random BERT and RoBERTa models."""
 
-import functools
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_batch, tiny_model
 
 import anadp.models as M
 from anadp import _validate, allocation, clipping, ghost, step_functions, train
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-5
-ALL_TARGETS = M.LAYER_DENSE_MODULES
-
-
-@functools.cache
-def tiny_model(kind: str, finetune: str, layers: int = 1, pooling: str = "cls"):
-    """A random model (1 layer unless asked: compilation is most of these tests'
-    time), LoRA on every dense module for full and lora fine-tuning (full then
-    trains kernels and LoRA factors together); every parameter is jittered so
-    that LoRA's B and the biases are not zero."""
-    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune in ("full", "lora") else None
-    if kind == "bert":
-        config = M.tiny_bert_config(vocab_size=40)
-    else:
-        with open(os.path.join(FIXTURES, "tiny-roberta", "config.json")) as f:
-            config = json.load(f)
-    config = dict(config, num_hidden_layers=layers)
-    model, params = M.from_config(config, 3, lora=lora, seed=0, pooling=pooling)
-    rng = np.random.default_rng(1)
-    jitter = lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32) if x.ndim else x  # noqa: E731
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(jitter(np.asarray(x))), params)
-
-
-def tiny_batch(kind: str, rows: int = 8, length: int = 12) -> dict:
-    """Padding (a 0 attention mask) in some rows, repeated tokens, two token
-    types for BERT; RoBERTa pads with its pad id, so padding positions repeat."""
-    rng = np.random.default_rng(0)
-    pad = 0 if kind == "bert" else 1
-    ids = rng.integers(3, 40, size=(rows, length)).astype(np.int32)
-    ids[-1, -1] = ids[-1, 1]  # a repeated word in one example
-    attention = np.ones_like(ids)
-    attention[-1, length // 2:] = 0
-    attention[0, 3:] = 0
-    ids = np.where(attention > 0, ids, pad)
-    types = np.zeros_like(ids)
-    if kind == "bert":
-        types[:, 6:] = 1
-        types = types * attention
-    labels = rng.integers(0, 3, size=rows).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types, "labels": labels}
 
 
 # XLA's CPU backend optimisations cost most of these tests' time and nothing of
