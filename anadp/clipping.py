@@ -277,15 +277,33 @@ def clipped_grad_sum(
       microbatch_size: must divide B; None processes the batch in one go.
       Other arguments: as for `clipped_sum`.
     """
-    batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    if mask is None:
-        mask = jnp.ones([batch_size], jnp.float32)
     clip_args = dict(
         l2_norm_clip=l2_norm_clip, clipping=clipping, groups=groups, clip_fn=clip_fn, automatic_r=automatic_r
     )
+
+    def one(micro_batch, micro_mask):
+        grads = per_example_grads(loss_fn, params, micro_batch)
+        return clipped_sum(grads, scales, mask=micro_mask, **clip_args)
+
+    return sum_microbatches(one, params, batch, mask, microbatch_size, groups)
+
+
+def sum_microbatches(
+    one: Callable, params: Any, batch: Any, mask: jax.Array | None, microbatch_size: int | None,
+    groups: Groups | None,
+) -> GradientSum:
+    """`one(batch, mask) -> GradientSum` over `batch` in one go, or microbatch by
+    microbatch inside one `lax.scan`, the parts added (`add_gradient_sums`).
+
+    The scan both clipping engines share (here and `anadp.ghost`): `params` gives
+    the shapes of the float32 zero sums, `groups` those of the profile; a None
+    mask counts every row; `microbatch_size` must divide the batch (None: one go).
+    """
+    batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if mask is None:
+        mask = jnp.ones([batch_size], jnp.float32)
     if microbatch_size is None or microbatch_size >= batch_size:
-        grads = per_example_grads(loss_fn, params, batch)
-        return clipped_sum(grads, scales, mask=mask, **clip_args)
+        return one(batch, mask)
     if batch_size % microbatch_size:
         raise ValueError(
             f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
@@ -293,15 +311,13 @@ def clipped_grad_sum(
     num_micro = batch_size // microbatch_size
 
     def split(x):
+        x = jnp.asarray(x)
         return x.reshape((num_micro, microbatch_size) + x.shape[1:])
 
     def body(total, micro):
-        micro_batch, micro_mask = micro
-        grads = per_example_grads(loss_fn, params, micro_batch)
-        part = clipped_sum(grads, scales, mask=micro_mask, **clip_args)
-        return add_gradient_sums(total, part), None
+        return add_gradient_sums(total, one(*micro)), None
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     init = GradientSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
     total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
     return total

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from anadp import checkpoint, inference, models
-from anadp.models.loading import hf_key
+from anadp.models.hf_checkpoint import hf_key
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_code", "modeling_anadp.py")
 MEAN_POOLED_CLASS = "AnadpBertMeanForSequenceClassification"
@@ -60,7 +60,7 @@ def architecture(model) -> str:
 
 def hf_state_dict(model, params: Mapping) -> dict[str, np.ndarray]:
     """Our params under HF's names and layouts: the inverse of the loader's mapping
-    (`loading.hf_key`). Dense kernels go from (in, out) to torch's (out, in); the
+    (`hf_checkpoint.hf_key`). Dense kernels go from (in, out) to torch's (out, in); the
     encoder's tensors take the base-model prefix ("bert." / "roberta."), the head
     ("classifier.*") none, as in HF's *ForSequenceClassification."""
     tensors = {}

@@ -34,6 +34,9 @@ Here, for each microbatch:
    scatter-add for embeddings), no second backward pass; divided by the scales
    for elliptical clipping, as `clipping.clipped_sum` does.
 
+Steps 2 and 4, module by module, are the rules of `anadp.ghost_rules`; this
+module plans, records, clips and scans.
+
 An example whose loss is not finite has NaN or inf in its records or
 cotangents, hence a non-finite squared norm for some leaf, hence clip factor 0
 (`clipping.clip_factors`). Its rows of every record and cotangent are then
@@ -41,16 +44,17 @@ selected to 0 (`clipping.zero_dropped_rows`) before they meet a factor or
 another array, both operands of a product included: it contributes exactly
 nothing, as in the vmap path.
 
-Every contraction of steps 2 to 4 runs at full float32 (`_einsum`,
+Every contraction of steps 2 to 4 runs at full float32 (`ghost_rules._einsum`,
 `clipping.FULL_FLOAT32`): under TF32, a GPU's default, a norm from Gram
 matrices and the book-kept sum that its clip factor scales are rounded
 differently, and a contribution can exceed C.
 
 Mixed precision: a bfloat16 model (``dtype=jnp.bfloat16``) records bfloat16
 inputs and hands back bfloat16 cotangents. Every record and cotangent is cast
-to float32 (`_f32`) before it enters a norm or a book-keeping contraction,
-and the clip factors are never cast down: a factor rounded to bfloat16 (8-bit
-mantissa) could scale a contribution to C (1 + 2^-9), past the bound. The norms
+to float32 (`ghost_rules._f32`) before it enters a norm or a book-keeping
+contraction, and the clip factors are never cast down: a factor rounded to
+bfloat16 (8-bit mantissa) could scale a contribution to C (1 + 2^-9), past the
+bound. The norms
 and sums are then those of the bfloat16 model's own per-example gradients,
 computed in float32.
 
@@ -64,7 +68,7 @@ of them is narrower than float32, the records and cotangents pass through one
 `jax.lax.optimization_barrier` (`_pinned`) before anything reads them: every
 consumer then reads the same materialised values.
 
-The loss is the training loop's (`train.make_example_loss`): softmax cross
+The loss is the training loop's (`step_functions.make_example_loss`): softmax cross
 entropy of each example, dropout off. A trainable leaf whose module has no
 hook, or a module applied more than once, is an error, never a silent
 approximation. Everything returned is as private (i.e. not at all) as
@@ -84,35 +88,11 @@ from anadp import allocation
 from anadp import clipping as clipping_lib
 from anadp.allocation import Groups
 from anadp.clipping import GradientSum
+from anadp.ghost_rules import LEAVES_BY_HOOK, RULES, Grams
 from anadp.models import modeling
-from anadp.models.lora import LORA_SCALE, combine, flatten_params, unflatten_params
+from anadp.models.lora import combine, flatten_params, unflatten_params
 
 KERNEL_NORMS = ("auto", "gram", "direct")
-
-# Hook (perturbation name of the module's output) -> the parameter leaves the
-# engine knows how to differentiate for a module with that hook.
-_LEAVES_BY_HOOK = {
-    modeling.DENSE_OUT: ("kernel", "bias", "lora_a", "lora_b"),
-    modeling.NORM_OUT: ("scale", "bias"),
-    modeling.EMBED_OUT: ("embedding",),
-}
-
-
-def _f32(x):
-    return jnp.asarray(x, jnp.float32)
-
-
-def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
-    """Every contraction of the engine: float32 out, full float32 passes (TF32
-    would round norms and sums differently: `clipping.FULL_FLOAT32`)."""
-    return jnp.einsum(
-        spec, *operands, precision=clipping_lib.FULL_FLOAT32, preferred_element_type=jnp.float32
-    )
-
-
-def _tokens(x: jax.Array) -> jax.Array:
-    """[B, ..., F] -> [B, T, F] (T = 1 for [B, F])."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _narrower_than_float32(x: jax.Array) -> bool:
@@ -123,7 +103,7 @@ def _pinned(tree: Any) -> Any:
     """`tree` through one optimisation barrier, so that every reader sees the same
     materialised values (module docstring: excess precision). An array that
     appears several times (the input that the query, key and value projections
-    all record) goes through once and stays one object, for `_Grams`' cache.
+    all record) goes through once and stays one object, for `ghost_rules.Grams`' cache.
     Only a tree with arrays narrower than float32 needs it (their float32 round
     trips are what XLA may drop): a float32 tree is returned as it is, and a
     float32 model's program is unchanged."""
@@ -133,158 +113,6 @@ def _pinned(tree: Any) -> Any:
     unique = list({id(x): x for x in leaves}.values())
     pinned = dict(zip([id(x) for x in unique], jax.lax.optimization_barrier(unique)))
     return treedef.unflatten([pinned[id(x)] for x in leaves])
-
-
-def _use_gram(tokens: int, m: int, n: int, kernel_norm: str) -> bool:
-    if kernel_norm == "auto":
-        return tokens * (m + n) < m * n
-    return kernel_norm == "gram"
-
-
-class _Grams:
-    """Per-example Gram matrices A_i A_i^T [B, T, T] of recorded arrays [B, ..., F],
-    computed once per array: the query, key and value projections record the
-    same input object, so its Gram matrix serves all three (and LoRA's A)."""
-
-    def __init__(self):
-        self._cache: dict[int, tuple[jax.Array, jax.Array]] = {}
-
-    def __call__(self, a: jax.Array) -> jax.Array:
-        hit = self._cache.get(id(a))
-        if hit is None or hit[0] is not a:
-            t = _f32(_tokens(a))
-            hit = (a, _einsum("btf,bsf->bts", t, t))
-            self._cache[id(a)] = hit
-        return hit[1]
-
-
-def _product_sq_norms(a: jax.Array, d: jax.Array, grams: _Grams, kernel_norm: str) -> jax.Array:
-    """``||a_i^T d_i||_F^2`` for every example i; a: [B, ..., m], d: [B, ..., n]
-    (the middle axes are the tokens)."""
-    a_t, d_t = _tokens(a), _tokens(d)
-    _, tokens, m = a_t.shape
-    n = d_t.shape[-1]
-    if _use_gram(tokens, m, n, kernel_norm):
-        return jnp.sum(grams(a) * grams(d), axis=(1, 2))
-    per_example = _einsum("btm,btn->bmn", _f32(a_t), _f32(d_t))
-    return jnp.sum(jnp.square(per_example), axis=(1, 2))
-
-
-def _weighted_product(a: jax.Array, d: jax.Array, c: jax.Array) -> jax.Array:
-    """``sum_i c_i a_i^T d_i`` (one matmul over examples and tokens); a: [B, ..., m],
-    d: [B, ..., n], c: [B]. Rows with c_i = 0 are dropped from both operands;
-    both are float32 before c meets them (c is never rounded to their dtype)."""
-    a_t = _f32(_tokens(_kept(a, c)))
-    return _einsum("btm,btn->mn", a_t, _weighted_tokens(d, c))
-
-
-def _kept(x: jax.Array, c: jax.Array) -> jax.Array:
-    """`x` [B, ...] with the rows of dropped examples (clip factor 0) exactly 0."""
-    return clipping_lib.zero_dropped_rows(x, c)
-
-
-def _weighted_tokens(d: jax.Array, c: jax.Array) -> jax.Array:
-    """[B, T, F] float32 ``c_i * d_i,t``, dropped rows exactly 0."""
-    return _f32(_tokens(_kept(d, c))) * c[:, None, None]
-
-
-def _row_sq_norms(v: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(_f32(v)), axis=-1)
-
-
-# ----------------------------------------------------------------------------
-# Per-module rules. Each returns ({leaf: [B] squared norms}, finish) where
-# finish(c) gives {leaf: clipped sum} for clip factors c: [B].
-# ----------------------------------------------------------------------------
-
-
-def _dense_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
-    x = records.get(modeling.DENSE_IN)  # [B, ..., in]
-    d = cotangents.get(modeling.DENSE_OUT)  # [B, ..., out]
-    dz = cotangents.get(modeling.LORA_Z_OUT)  # [B, ..., r]
-    z = records.get(modeling.LORA_Z)  # [B, ..., r]
-    sq: dict[str, jax.Array] = {}
-    if "kernel" in leaves:
-        sq["kernel"] = _product_sq_norms(x, d, grams, kernel_norm)
-    if "bias" in leaves:
-        sq["bias"] = _row_sq_norms(jnp.sum(_f32(_tokens(d)), axis=1))
-    if "lora_a" in leaves:
-        sq["lora_a"] = _product_sq_norms(x, dz, grams, kernel_norm)
-    if "lora_b" in leaves:
-        # y = ... + (z @ lora_b) * scale: the cotangent of z @ lora_b is scale * d,
-        # with the scale as the model uses it (cast to its compute dtype).
-        d_b = _f32(d) * _f32(jnp.asarray(module_params[LORA_SCALE], d.dtype))
-        sq["lora_b"] = _product_sq_norms(z, d_b, grams, kernel_norm)
-
-    def finish(c):
-        out = {}
-        if "kernel" in leaves:
-            out["kernel"] = _weighted_product(x, d, c)
-        if "bias" in leaves:
-            out["bias"] = jnp.sum(_weighted_tokens(d, c), axis=(0, 1))
-        if "lora_a" in leaves:
-            out["lora_a"] = _weighted_product(x, dz, c)
-        if "lora_b" in leaves:
-            out["lora_b"] = _weighted_product(z, d_b, c)
-        return out
-
-    return sq, finish
-
-
-def _layer_norm_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
-    del module_params, grams, kernel_norm
-    d = _tokens(cotangents[modeling.NORM_OUT])
-    sq: dict[str, jax.Array] = {}
-    if "scale" in leaves:
-        xhat = _tokens(records[modeling.NORM_XHAT])
-        sq["scale"] = _row_sq_norms(jnp.sum(_f32(xhat) * _f32(d), axis=1))
-    if "bias" in leaves:
-        sq["bias"] = _row_sq_norms(jnp.sum(_f32(d), axis=1))
-
-    def finish(c):
-        dc = _weighted_tokens(d, c)
-        out = {}
-        if "scale" in leaves:
-            out["scale"] = jnp.sum(_f32(_kept(xhat, c)) * dc, axis=(0, 1))
-        if "bias" in leaves:
-            out["bias"] = jnp.sum(dc, axis=(0, 1))
-        return out
-
-    return sq, finish
-
-
-def _embed_rule(leaves, records, cotangents, module_params, grams, kernel_norm):
-    del kernel_norm
-    rows, features = module_params["embedding"].shape
-    d_raw = cotangents[modeling.EMBED_OUT]  # [B, ..., F]
-    d = _tokens(d_raw)  # [B, T, F]
-    ids = records[modeling.EMBED_IDS]
-    ids = ids.reshape(ids.shape[0], -1)  # [B, T]
-    if rows == 1:  # nn.Embed broadcasts its single row, whatever the ids
-        ids = jnp.zeros_like(ids)
-    tokens = ids.shape[1]
-    if rows < tokens:
-        # Few rows (token types): the per-example [rows, F] gradient is small.
-        one_hot = jax.nn.one_hot(ids, rows, dtype=jnp.float32)
-        per_example = _einsum("btv,btf->bvf", one_hot, _f32(d))
-        sq = jnp.sum(jnp.square(per_example), axis=(1, 2))
-    else:
-        same = ids[:, :, None] == ids[:, None, :]
-        sq = jnp.sum(jnp.where(same, grams(d_raw), 0.0), axis=(1, 2))
-
-    def finish(c):
-        dc = _weighted_tokens(d, c)
-        table = jnp.zeros((rows, features), jnp.float32)
-        return {"embedding": table.at[ids.reshape(-1)].add(dc.reshape(-1, features))}
-
-    return {"embedding": sq}, finish
-
-
-_RULES = {
-    modeling.DENSE_OUT: _dense_rule,
-    modeling.NORM_OUT: _layer_norm_rule,
-    modeling.EMBED_OUT: _embed_rule,
-}
 
 
 # ----------------------------------------------------------------------------
@@ -307,8 +135,8 @@ def _plan(leaf_paths: list[tuple[str, ...]], perturbation_shapes: Any) -> dict:
     for index, path in enumerate(leaf_paths):
         module, leaf = path[:-1], path[-1]
         node = _subtree(perturbation_shapes, module)
-        hooks = [] if not isinstance(node, Mapping) else [h for h in _LEAVES_BY_HOOK if h in node]
-        hook = next((h for h in hooks if leaf in _LEAVES_BY_HOOK[h]), None)
+        hooks = [] if not isinstance(node, Mapping) else [h for h in LEAVES_BY_HOOK if h in node]
+        hook = next((h for h in hooks if leaf in LEAVES_BY_HOOK[h]), None)
         if len(hooks) != 1 or hook is None:
             raise ValueError(
                 f"ghost clipping cannot differentiate the trainable leaf {'/'.join(path)}: its "
@@ -396,7 +224,7 @@ def _one_pass(
     """Clipped sums (one per trainable leaf, flattening order) and profile for one microbatch."""
     modules, records, cotangents = _records_and_cotangents(model, params, leaf_paths, batch)
     records, cotangents = _pinned((records, cotangents))
-    grams = _Grams()
+    grams = Grams()
     sq_norms: list[jax.Array | None] = [None] * len(leaf_paths)
     finishers: list[tuple[dict[str, int], Callable]] = []
     for module, (hook, leaves) in modules.items():
@@ -407,7 +235,7 @@ def _one_pass(
         module_cotangents = {
             k: v for k, v in (_subtree(cotangents, module) or {}).items() if not isinstance(v, Mapping)
         }
-        sq, finish = _RULES[hook](
+        sq, finish = RULES[hook](
             leaves, module_records, module_cotangents, _subtree(params, module), grams, kernel_norm
         )
         for leaf, index in leaves.items():
@@ -462,7 +290,7 @@ def clipped_grad_sum(
       Other arguments: as for `clipping.clipped_grad_sum`.
 
     Returns:
-      A GradientSum equal to `clipping.clipped_grad_sum(train.make_example_loss(model,
+      A GradientSum equal to `clipping.clipped_grad_sum(step_functions.make_example_loss(model,
       frozen, False), trainable, batch, scales, ...)` up to floating-point rounding.
     """
     clipping_lib.check_clipping(clipping)
@@ -484,9 +312,6 @@ def clipped_grad_sum(
     else:
         scale_leaves = treedef.flatten_up_to(scales)
     params = combine(trainable, frozen)
-    batch_size = batch["input_ids"].shape[0]
-    if mask is None:
-        mask = jnp.ones([batch_size], jnp.float32)
 
     def one(micro_batch, micro_mask):
         sums, profile = _one_pass(
@@ -496,22 +321,4 @@ def clipped_grad_sum(
         )
         return GradientSum(treedef.unflatten(sums), profile)
 
-    if microbatch_size is None or microbatch_size >= batch_size:
-        return one(batch, mask)
-    if batch_size % microbatch_size:
-        raise ValueError(
-            f"batch size {batch_size} is not a multiple of microbatch_size={microbatch_size}"
-        )
-    num_micro = batch_size // microbatch_size
-
-    def split(x):
-        x = jnp.asarray(x)
-        return x.reshape((num_micro, microbatch_size) + x.shape[1:])
-
-    def body(total, micro):
-        return clipping_lib.add_gradient_sums(total, one(*micro)), None
-
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), trainable)
-    init = GradientSum(zeros, None if groups is None else jnp.zeros(groups.num_groups, jnp.float32))
-    total, _ = jax.lax.scan(body, init, (jax.tree_util.tree_map(split, batch), split(mask)))
-    return total
+    return clipping_lib.sum_microbatches(one, trainable, batch, mask, microbatch_size, groups)

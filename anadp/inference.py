@@ -5,7 +5,7 @@
 
 A workdir's checkpoints hold only the trainable part of the params (plus
 optimiser and mechanism state); the frozen part is rebuilt from `model.name`
-and `train.seed` exactly as `train.run` built it (`train.build_model`). Only
+and `train.seed` exactly as `train.run` built it (`task_and_model.build_model`). Only
 the trainable params are read from the checkpoint, never its secrets
 (docs/privacy.md: a checkpoint is secret material; what this returns is not).
 """
@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from anadp import checkpoint, models, train
+from anadp import checkpoint, models
 from anadp.data.loading import encode_texts
+from anadp.task_and_model import build_model
 from anadp.workdir import LABELS_FILE
 
 
@@ -92,7 +93,7 @@ def load_run(workdir: str | os.PathLike, merge: bool = True, step: int | None = 
     workdir = os.fspath(workdir)
     config = read_run_config(workdir)
     labels = run_labels(workdir, config)
-    model, initial = train.build_model(config, len(labels))
+    model, initial = build_model(config, len(labels))
     initial_trainable, frozen = models.partition(initial, config["model"]["finetune"])
     _, trainable = checkpoint.load_trainable(workdir, initial_trainable, step)
     params = models.combine(jax.tree_util.tree_map(np.asarray, trainable), frozen)

@@ -12,7 +12,10 @@ in `workdir`:
     *.png             training curves; for ANADP the noise-scale heatmaps
 
 (the files: `anadp.workdir`; the checkpoints: `anadp.checkpoint`). One step is
-`train_step`, which `run` calls once a step.
+`train_step`, which `run` calls once a step: on the host it draws the step's
+passes, accounts the step and drives the jitted pieces of `anadp.step_functions`.
+The task and model come from `anadp.task_and_model`, the optimiser from
+`anadp.optimizer`.
 
 A run that fails before its first step is done takes away what it added, so
 the corrected command starts as on a clean workdir.
@@ -25,188 +28,31 @@ The training loss of private batches is written only behind
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from anadp import accounting, checkpoint, ghost, importance, models, randomness, sampling, sharding
-from anadp import data as data_lib
+from anadp import accounting, checkpoint, importance, models, randomness, sampling, sharding
 from anadp._validate import mechanism_from_config, validate_config
-from anadp.clipping import GradientSum, add_gradient_sums, clipped_grad_sum
+from anadp.clipping import GradientSum, add_gradient_sums
 from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
-from anadp.workdir import (
-    FreshPaths,
-    RunLog,
-    TensorBoardLog,
-    check_same_labels,
-    prepare_workdir,
-    write_config,
-    write_summary,
-)
+from anadp.optimizer import make_optimizer
+from anadp.progress import ProgressBar
+from anadp.step_functions import StepFunctions, TrainState, make_step_functions
+from anadp.task_and_model import load_task_and_model
+from anadp.versions import versions
+from anadp.workdir import FreshPaths, RunLog, TensorBoardLog, prepare_workdir, write_config, write_summary
 
-# --- building blocks -----------------------------------------------------------
-
-
-def lora_config(model_config) -> models.LoraConfig | None:
-    """The adapters `config.model` asks for: a LoraConfig for finetune="lora", else None.
-
-    Item access, so it reads a ConfigDict and the dict of a workdir's config.json alike.
-    """
-    if model_config["finetune"] != "lora":
-        return None
-    return models.LoraConfig(
-        rank=model_config["lora_rank"],
-        alpha=model_config["lora_alpha"],
-        dropout=model_config["lora_dropout"],
-        targets=tuple(x.strip() for x in model_config["lora_targets"].split(",") if x.strip()),
-    )
-
-
-def build_model(config, num_labels: int):
-    """The run's model and initial params: the checkpoint `model.name`, with its new head
-    and LoRA factors drawn from `train.seed`. `model.pooling` holds the pooling after
-    "auto" is resolved. Loading a trained run rebuilds its frozen params with this, so
-    it must stay the one place a run's model is made."""
-    m = config["model"]
-    return models.from_pretrained(
-        m["name"], num_labels, lora=lora_config(m), seed=config["train"]["seed"],
-        pooling=m["pooling"], head_init=m["head_init"], dtype=config["train"].get("dtype", "float32"),
-    )
-
-
-def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformation:
-    lr = train_config.learning_rate
-    warmup = train_config.lr_warmup_steps
-    decay_steps = max(total_steps - warmup, 1)
-    if train_config.schedule == "constant":
-        after = optax.constant_schedule(lr)
-    elif train_config.schedule == "linear":
-        after = optax.linear_schedule(lr, 0.0, decay_steps)
-    else:
-        after = optax.cosine_decay_schedule(lr, decay_steps)
-    schedule = (
-        optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-        if warmup > 0
-        else after
-    )
-    if train_config.optimizer == "adam":
-        return optax.adam(schedule)
-    if train_config.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=train_config.weight_decay)
-    return optax.sgd(schedule)
-
-
-class TrainState(NamedTuple):
-    trainable: Any
-    opt_state: Any
-    mechanism: Any  # MechanismState, or () for non-private training
-
-
-def make_example_loss(model, frozen: Any, dropout: bool) -> Callable:
-    """Cross-entropy of one example (no batch axis), a function of the trainable params."""
-
-    def loss_fn(trainable, example):
-        params = models.combine(trainable, frozen)
-        rngs = {"dropout": example["dropout_key"]} if dropout else None
-        logits = model.apply(
-            {"params": params},
-            example["input_ids"][None],
-            example["attention_mask"][None],
-            example["token_type_ids"][None],
-            deterministic=not dropout,
-            rngs=rngs,
-        )[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, example["labels"])
-
-    return loss_fn
-
-
-@dataclasses.dataclass
-class StepFunctions:
-    """The jitted pieces of a step. One compilation per batch shape (bucket)."""
-
-    accumulate: Callable  # (trainable, frozen, scales, batch, mask) -> GradientSum (clipped, or plain)
-    apply: Callable  # (state, summed, realised_count) -> state
-    predict: Callable  # (trainable, frozen, batch) -> logits
-
-
-def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -> StepFunctions:
-    """The frozen parameters are an argument, not a closure: captured, they would be
-    baked into the compiled program as constants (slow to compile, duplicated in memory)."""
-    microbatch = config.train.microbatch_size
-
-    if mechanism is None:
-
-        def accumulate(trainable, frozen, scales, batch, mask):
-            del scales
-            loss_fn = make_example_loss(model, frozen, config.model.dropout)
-
-            def total_loss(p):
-                losses = jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)
-                return jnp.sum(losses * mask)
-
-            return GradientSum(jax.grad(total_loss)(trainable))
-
-        def apply(state, summed, realised_count):
-            mean = jax.tree_util.tree_map(lambda g: g / jnp.maximum(realised_count, 1.0), summed.grads)
-            updates, opt_state = optimizer.update(mean, state.opt_state, state.trainable)
-            return TrainState(optax.apply_updates(state.trainable, updates), opt_state, ())
-
-    else:
-
-        engine = config.train.clipping_engine  # one of _validate.CLIPPING_ENGINES
-
-        def accumulate(trainable, frozen, scales, batch, mask):
-            clip_args = {
-                "l2_norm_clip": mechanism.l2_norm_clip,
-                "clipping": mechanism.clipping,
-                "mask": mask,
-                "microbatch_size": microbatch,
-                "groups": mechanism.profile_groups(trainable),
-                "clip_fn": mechanism.clip_fn,
-                "automatic_r": mechanism.automatic_r,
-            }
-            if engine == "ghost":
-                # Ghost norms + book-keeping: no per-example gradients of large matrices.
-                return ghost.clipped_grad_sum(model, trainable, frozen, batch, scales, **clip_args)
-            loss_fn = make_example_loss(model, frozen, config.model.dropout)
-            return clipped_grad_sum(loss_fn, trainable, batch, scales, **clip_args)
-
-        def apply(state, summed, realised_count):
-            del realised_count  # DP: the denominator is the expected batch size, never this
-            released, mech_state = mechanism.release(summed, state.mechanism, state.trainable)
-            updates, opt_state = optimizer.update(released, state.opt_state, state.trainable)
-            return TrainState(optax.apply_updates(state.trainable, updates), opt_state, mech_state)
-
-    def predict(trainable, frozen, batch):
-        params = models.combine(trainable, frozen)
-        return model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["token_type_ids"],
-            deterministic=True,
-        )
-
-    return StepFunctions(
-        # Each device clips its own rows; the clipped sums are added across devices.
-        accumulate=jax.jit(sharding.sum_over_devices(accumulate, num_replicated=3)),
-        apply=jax.jit(apply, donate_argnums=(0,)),
-        predict=jax.jit(predict),
-    )
+# --- evaluation ----------------------------------------------------------------
 
 
 def evaluate(fns: StepFunctions, trainable, frozen, split: dict, spec, batch_size: int, buckets, max_length) -> dict:
@@ -227,22 +73,6 @@ def evaluate(fns: StepFunctions, trainable, frozen, split: dict, spec, batch_siz
     metrics = dict(spec.compute_metrics(np.argmax(logits, axis=1), labels))
     metrics["loss"] = float(-np.mean(log_probs[np.arange(n), labels]))
     return metrics
-
-
-def _versions() -> dict:
-    import flax
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "platform": jax.default_backend(),
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "machine": platform.machine(),
-    }
 
 
 def _scales_record(mechanism: Mechanism, state: TrainState, trainable_template) -> dict:
@@ -404,32 +234,6 @@ class RunAccounting:
 # --- the run -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _naming(field: str, value: Any):
-    """A missing folder or file, or an unreachable hub, as the one-line error of the setting that named it."""
-    try:
-        yield
-    except OSError as e:
-        raise ValueError(f"config.{field}={value!r}: {_one_line(e)}") from None
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def load_task(config: ml_collections.ConfigDict, tokenizer) -> data_lib.TaskData:
-    """The config's task, tokenised; the user's csv / jsonl files by their paths alone."""
-    d = config.data
-    if d.task in data_lib.FILE_TASKS:
-        files = data_lib.UserFiles(d.train_file, d.dev_file, d.text_column, d.text_pair_column, d.label_column)
-        try:
-            return data_lib.load_task(d.task, tokenizer, d.max_length, files=files)
-        except FileNotFoundError as e:  # its message names data.train_file / data.dev_file
-            raise ValueError(_one_line(e)) from None
-    with _naming("data.dir", d.dir):
-        return data_lib.load_task(d.task, tokenizer, d.max_length, data_dir=d.dir or None)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains one configuration end to end (resuming from `workdir` if it holds a checkpoint).
 
@@ -444,31 +248,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
 
 
-def _load(config: ml_collections.ConfigDict, workdir: str):
-    """The task, the run's delta, and the model with its parameters split (trainable, frozen)."""
-    p, t = config.privacy, config.train
-    with _naming("model.name", config.model.name):
-        tokenizer = models.tokenizer(config.model.name)
-    task = load_task(config, tokenizer)
-    check_same_labels(workdir, task.spec.label_names)
-    num_train = len(task.train["labels"])
-    if t.expected_batch_size > num_train:
-        raise ValueError(f"config.train.expected_batch_size={t.expected_batch_size!r} is invalid: must be at most "
-                         f"the {num_train} training rows")
-    delta = 0.0
-    if p.method != "non_private":
-        delta = p.delta or accounting.default_delta(num_train)
-        accounting.check_delta(delta, num_train)
-    with _naming("model.name", config.model.name):
-        model, params = build_model(config, task.spec.num_labels)
-    models.check_max_length(config.data.max_length, model.config)
-    return task, delta, model, models.partition(params, config.model.finetune)
-
-
-def _restore_or_start(manager, template: TrainState, ledgers: RunAccounting, config, workdir: str):
+def _restore_or_start(manager, optimizer, trainable, ledgers: RunAccounting, config, workdir: str):
     """(step, state, secrets, restored) from the latest checkpoint, or a fresh start
     with new secrets (restored False)."""
-    p = config.privacy
+    p, mechanism = config.privacy, ledgers.mechanism
+    template = TrainState(
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
+    )
     restored = checkpoint.restore_checkpoint(manager, template)
     if restored is not None:
         start_step, state, ledger, run_record = restored
@@ -478,7 +266,6 @@ def _restore_or_start(manager, template: TrainState, ledgers: RunAccounting, con
     else:
         start_step = 0
         secrets = randomness.draw(p.randomness, config.train.seed)
-        mechanism = ledgers.mechanism
         state = template._replace(mechanism=mechanism.init(template.trainable, secrets.noise_key) if mechanism else ())
     if p.randomness == "seeded" and sharding.is_main_process():
         print(randomness.SEEDED_WARNING, file=sys.stderr)
@@ -503,7 +290,7 @@ def _step_inputs(config, fns: StepFunctions, mechanism, frozen, sampler, train_s
 def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fresh: FreshPaths) -> dict:
     prepare_workdir(workdir, config)
     t = config.train
-    task, delta, model, (trainable, frozen) = _load(config, workdir)
+    task, delta, model, (trainable, frozen) = load_task_and_model(config, workdir)
     num_train = len(task.train["labels"])
     sampling_rate = sampling.sampling_rate_for(t.expected_batch_size, num_train)
     total_steps = t.steps if t.steps > 0 else sampling.steps_for_epochs(t.epochs, sampling_rate)
@@ -512,12 +299,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
 
     optimizer = make_optimizer(t, total_steps)
     manager = checkpoint.open_manager(workdir)
-    template = TrainState(
-        trainable=trainable,
-        opt_state=optimizer.init(trainable),
-        mechanism=mechanism.init(trainable, noise_key=jnp.zeros([2], jnp.uint32)) if mechanism else (),
-    )
-    start_step, state, secrets, resumed = _restore_or_start(manager, template, ledgers, config, workdir)
+    start_step, state, secrets, resumed = _restore_or_start(manager, optimizer, trainable, ledgers, config, workdir)
     sampler = sampling.PoissonSampler(num_train, sampling_rate, t.physical_batch_size, secrets.sampler_seed)
 
     def save(step: int, state: TrainState) -> None:
@@ -541,22 +323,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
 
     last_eval: dict = {}
     epsilon_now = ledgers.epsilon() if private else 0.0
-    progress = _ProgressBar(total_steps, start_step, private)
+    progress = ProgressBar(total_steps, start_step, private)
     for step in range(start_step, total_steps):
         state, realised = train_step(inputs, state, step, ledgers)
         done = step + 1
-        record: dict = {"step": done}
-        if not private or config.debug.log_private_diagnostics:
-            record["train_batch_size" if not private else "nonprivate/realised_batch_size"] = realised
         evaluating = done % t.eval_every == 0 or done == total_steps
         if evaluating:
-            last_eval = record["eval"] = eval_all(state.trainable)
+            last_eval = eval_all(state.trainable)
+            record = _eval_record(config, ledgers, done, realised, last_eval, state, trainable, start_time)
             if private:
-                epsilon_now = record["epsilon"] = ledgers.epsilon()
-            if mechanism is not None and mechanism.adaptive:
-                record.update(_scales_record(mechanism, state, trainable))
-            # Wall-clock time depends on the realised batch sizes and bucket lengths.
-            record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
+                epsilon_now = record["epsilon"]
             log.write(record)
             board.write(record)
         progress.update(done, last_eval, epsilon_now, task.spec.main_metric)
@@ -573,6 +349,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
     summary = _summary(config, ledgers, task, trainable, last_eval, total_steps, start_time)
     write_summary(workdir, summary, log.records)
     return summary
+
+
+def _eval_record(config, ledgers: RunAccounting, step: int, realised: int, evaluation: dict, state: TrainState,
+                 trainable_template, start_time: float) -> dict:
+    """The metrics.jsonl record of an evaluated step (keys under "nonprivate/" are not public)."""
+    private, mechanism = ledgers.private, ledgers.mechanism
+    record: dict = {"step": step}
+    if not private or config.debug.log_private_diagnostics:
+        record["train_batch_size" if not private else "nonprivate/realised_batch_size"] = realised
+    record["eval"] = evaluation
+    if private:
+        record["epsilon"] = ledgers.epsilon()
+    if mechanism is not None and mechanism.adaptive:
+        record.update(_scales_record(mechanism, state, trainable_template))
+    # Wall-clock time depends on the realised batch sizes and bucket lengths.
+    record["nonprivate/elapsed_s"] = round(time.time() - start_time, 2)
+    return record
 
 
 def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, total_steps: int,
@@ -601,7 +394,7 @@ def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, t
         "main_metric": task.spec.main_metric,
         "seed": config.train.seed,
         "nonprivate/wall_time_s": round(time.time() - start_time, 2),
-        "versions": _versions(),
+        "versions": versions(),
         "config": json.loads(config.to_json()),
     }
     if ledgers.literal:
@@ -613,28 +406,3 @@ def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, t
             ledgers.noise_multiplier, ledgers.sampling_rate, total_steps, ledgers.delta, accountant=p.accountant
         )
     return summary
-
-
-class _ProgressBar:
-    """A tqdm bar showing step, dev loss, epsilon so far and the last dev metric."""
-
-    def __init__(self, total: int, initial: int, private: bool):
-        from tqdm import tqdm
-
-        # The rate and times depend on the realised batch sizes: marked as non-private.
-        timing = "{elapsed}<{remaining}, {rate_fmt}" + ("; timing non-private" if private else "")
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr,
-                        disable=not sharding.is_main_process(),
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [" + timing + "{postfix}]")
-
-    def update(self, step: int, last_eval: dict, epsilon: float, main_metric: str) -> None:
-        postfix = {"eps": f"{epsilon:.3g}"}
-        if last_eval:
-            first = next(iter(last_eval.values()))
-            postfix["dev_loss"] = f"{first['loss']:.4f}"
-            postfix[f"dev_{main_metric}"] = f"{first[main_metric]:.4f}"
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()

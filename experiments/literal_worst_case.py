@@ -26,6 +26,7 @@ def worst_case(summary: dict) -> tuple[float, float]:
     """(s_min, epsilon) for one literal run's summary."""
     from anadp import accounting, models, train
     from anadp.data import tasks
+    from anadp.task_and_model import build_model
     from configs import base
 
     # Summaries written before a config field existed lack it: take today's default.
@@ -34,7 +35,7 @@ def worst_case(summary: dict) -> tuple[float, float]:
         for field, value in fields.items():
             config[group][field] = value
     num_labels = tasks.get_task(summary["task"]).num_labels
-    _, params = train.build_model(config, num_labels)
+    _, params = build_model(config, num_labels)
     trainable, _ = models.partition(params, config.model.finetune)
     mechanism = train.mechanism_from_config(config, noise_multiplier=summary["noise_multiplier"],
                                  expected_batch_size=summary["expected_batch_size"])

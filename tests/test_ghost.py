@@ -1,59 +1,16 @@
 """Ghost-norm / book-keeping clipping against the vmap path (`clipping.clipped_grad_sum`
 with the training loop's per-example loss), on tiny random BERT and RoBERTa models."""
 
-import functools
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import tiny_batch, tiny_model
 
 import anadp.models as M
-from anadp import _validate, allocation, clipping, ghost, train
+from anadp import _validate, allocation, clipping, ghost, step_functions, train
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 RTOL = 1e-5
-ALL_TARGETS = M.LAYER_DENSE_MODULES
-
-
-@functools.cache
-def tiny_model(kind: str, finetune: str, layers: int = 1, pooling: str = "cls"):
-    """A random model (1 layer unless asked: compilation is most of these tests'
-    time), LoRA on every dense module for full and lora fine-tuning (full then
-    trains kernels and LoRA factors together); every parameter is jittered so
-    that LoRA's B and the biases are not zero."""
-    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune in ("full", "lora") else None
-    if kind == "bert":
-        config = M.tiny_bert_config(vocab_size=40)
-    else:
-        with open(os.path.join(FIXTURES, "tiny-roberta", "config.json")) as f:
-            config = json.load(f)
-    config = dict(config, num_hidden_layers=layers)
-    model, params = M.from_config(config, 3, lora=lora, seed=0, pooling=pooling)
-    rng = np.random.default_rng(1)
-    jitter = lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32) if x.ndim else x  # noqa: E731
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(jitter(np.asarray(x))), params)
-
-
-def tiny_batch(kind: str, rows: int = 8, length: int = 12) -> dict:
-    """Padding (a 0 attention mask) in some rows, repeated tokens, two token
-    types for BERT; RoBERTa pads with its pad id, so padding positions repeat."""
-    rng = np.random.default_rng(0)
-    pad = 0 if kind == "bert" else 1
-    ids = rng.integers(3, 40, size=(rows, length)).astype(np.int32)
-    ids[-1, -1] = ids[-1, 1]  # a repeated word in one example
-    attention = np.ones_like(ids)
-    attention[-1, length // 2:] = 0
-    attention[0, 3:] = 0
-    ids = np.where(attention > 0, ids, pad)
-    types = np.zeros_like(ids)
-    if kind == "bert":
-        types[:, 6:] = 1
-        types = types * attention
-    labels = rng.integers(0, 3, size=rows).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types, "labels": labels}
 
 
 # XLA's CPU backend optimisations cost most of these tests' time and nothing of
@@ -77,7 +34,7 @@ def compare(kind, finetune, mode, *, microbatch_size, use_mask: bool, grouping, 
     groups = None if grouping is None else allocation.make_groups(trainable, grouping)
     rng = np.random.default_rng(3)
     scales = jax.tree_util.tree_map(lambda _: jnp.float32(rng.uniform(0.5, 2.0)), trainable)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def run(trainable, frozen, batch, scales):
         per_example = clipping.per_example_grads(loss_fn, trainable, batch)
@@ -171,7 +128,7 @@ def test_both_kernel_norm_methods():
     model, params = tiny_model("bert", "bias")
     trainable, frozen = M.partition(params, "full")
     batch = tiny_batch("bert", rows=4, length=8)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
     kwargs = dict(l2_norm_clip=0.1, clipping="global")
 
     def run(trainable, frozen, batch):
@@ -292,7 +249,7 @@ def test_non_finite_examples_contribute_exactly_nothing():
 
     def run(trainable, clean_trainable, frozen, batch, scales):
         def both(params, mask):
-            loss_fn = train.make_example_loss(model, frozen, False)
+            loss_fn = step_functions.make_example_loss(model, frozen, False)
             return (
                 ghost.clipped_grad_sum(model, params, frozen, batch, scales, mask=mask, microbatch_size=4, **kwargs),
                 clipping.clipped_grad_sum(loss_fn, params, batch, scales, mask=mask, **kwargs),
@@ -402,7 +359,7 @@ def test_training_step_passes_the_clip_fn(monkeypatch):
         return clipping.GradientSum(jax.tree_util.tree_map(jnp.zeros_like, trainable))
 
     monkeypatch.setattr(ghost, "clipped_grad_sum", fake_clipped_sum)
-    monkeypatch.setattr(train, "clipped_grad_sum", fake_clipped_sum)
+    monkeypatch.setattr(step_functions, "clipped_grad_sum", fake_clipped_sum)
     for engine in _validate.CLIPPING_ENGINES:
         config = base.get_config()
         config.privacy.clip_fn = "automatic"

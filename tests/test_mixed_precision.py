@@ -14,7 +14,6 @@ Tolerances (measured on a CPU with tiny random models; see each test):
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +21,11 @@ import numpy as np
 import optax
 import pytest
 from launching import launch
+from tiny_models import tiny_batch, tiny_model
 
 import anadp.models as M
-from anadp import checkpoint, clipping, ghost, train
+from anadp import checkpoint, clipping, ghost, step_functions, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-ALL_TARGETS = M.LAYER_DENSE_MODULES
 LOSS_RTOL = 2e-3
 GHOST_VMAP_RTOL = 1e-2
 # A leaf's batch sum may cancel (its entries far below each example's): bfloat16's
@@ -43,38 +40,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def run_fast(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
-
-
-def tiny_model(kind: str, finetune: str, dtype: str, layers: int = 1):
-    """A random model with LoRA on every dense module (full and lora), every
-    parameter jittered so that LoRA's B and the biases are not zero."""
-    lora = M.LoraConfig(rank=2, alpha=3.0, targets=ALL_TARGETS) if finetune in ("full", "lora") else None
-    if kind == "bert":
-        config = M.tiny_bert_config(vocab_size=40)
-    else:
-        with open(os.path.join(FIXTURES, "tiny-roberta", "config.json")) as f:
-            config = json.load(f)
-    model, params = M.from_config(dict(config, num_hidden_layers=layers), 3, lora=lora, seed=0, dtype=dtype)
-    rng = np.random.default_rng(1)
-    jitter = lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32) if x.ndim else x  # noqa: E731
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(jitter(np.asarray(x))), params)
-
-
-def tiny_batch(kind: str, rows: int = 8, length: int = 12, vocab: int = 40) -> dict:
-    """Padding in some rows, a repeated token, two token types for BERT."""
-    rng = np.random.default_rng(0)
-    pad = 0 if kind == "bert" else 1
-    ids = rng.integers(3, vocab, size=(rows, length)).astype(np.int32)
-    ids[-1, -1] = ids[-1, 1]
-    attention = np.ones_like(ids)
-    attention[-1, length // 2:] = 0
-    attention[0, 3:] = 0
-    ids = np.where(attention > 0, ids, pad)
-    types = np.zeros_like(ids)
-    if kind == "bert":
-        types = np.where(np.arange(length) >= 6, 1, 0).astype(np.int32) * attention
-    labels = rng.integers(0, 3, size=rows).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types, "labels": labels}
 
 
 def uneven_scales(trainable, seed: int = 5):
@@ -92,7 +57,7 @@ def contribution_norms(tree, rows: int) -> np.ndarray:
 
 
 def test_bfloat16_model_computes_in_bfloat16_and_keeps_float32_parameters():
-    model, params = tiny_model("bert", "full", "bfloat16")
+    model, params = tiny_model("bert", "full", dtype="bfloat16")
     batch = tiny_batch("bert")
     args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
@@ -144,12 +109,12 @@ def test_each_whitened_contribution_is_at_most_c_in_bfloat16(kind, finetune, eng
     both clip functions. A clip factor rounded to bfloat16 would break this by
     up to 2^-9, and so would a ghost norm and sum that read a record at two
     precisions (1.0007 C was seen before `ghost._pinned`)."""
-    model, params = tiny_model(kind, finetune, "bfloat16")
+    model, params = tiny_model(kind, finetune, dtype="bfloat16")
     trainable, frozen = M.partition(params, finetune)
     batch = tiny_batch(kind)
     scales = uneven_scales(trainable)
     one_at_a_time = jnp.eye(8, dtype=jnp.float32)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def one(trainable, frozen, batch, scales, mask, clip, clip_fn):
         kwargs = dict(mask=mask, l2_norm_clip=clip, clipping="elliptical", clip_fn=clip_fn)
@@ -263,12 +228,12 @@ def test_ghost_equals_vmap_in_bfloat16(kind, finetune, mode, microbatch_size, us
     SMALL_LEAF_FLOOR times the largest leaf's (the attention key bias, whose true
     gradient is 0, and leaves whose batch sums cancel). The clip norm is the
     median per-example norm, so some rows are clipped and some are not."""
-    model, params = tiny_model(kind, finetune, "bfloat16")
+    model, params = tiny_model(kind, finetune, dtype="bfloat16")
     trainable, frozen = M.partition(params, finetune)
     batch = tiny_batch(kind)
     mask = jnp.asarray(np.array([1, 1, 0, 1, 1, 1, 0, 1], np.float32)) if use_mask else None
     scales = uneven_scales(trainable, seed=3)
-    loss_fn = train.make_example_loss(model, frozen, False)
+    loss_fn = step_functions.make_example_loss(model, frozen, False)
 
     def run(trainable, frozen, batch, scales):
         per_example = clipping.per_example_grads(loss_fn, trainable, batch)

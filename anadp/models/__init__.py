@@ -27,16 +27,14 @@ from .config import (
     roberta_base_config,
     tiny_bert_config,
 )
+from .hf_checkpoint import LoadReport, convert_checkpoint, read_safetensors
 from .loading import (
     POOLING_CHOICES,
     SHORT_NAMES,
-    LoadReport,
     checkpoint_pooling,
-    convert_checkpoint,
     from_config,
     from_pretrained,
     minilm_path,
-    read_safetensors,
     resolve_path,
     resolve_pooling,
     tokenizer,
