@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 
 from anadp import accounting  # noqa: E402
 from anadp import audit_one_run as aor  # noqa: E402
+from configs.tiny import FLAGS as TINY_MODEL_FLAGS  # noqa: E402
 from configs.tuned import LEARNING_RATES  # noqa: E402
 from experiments.cells import path_for_commands  # noqa: E402
 from experiments.membership_data import build_audit_data, task_splits, write_audit_data  # noqa: E402
@@ -76,17 +77,8 @@ CANARY_SEED = 101
 INCLUSION_SEED = 102
 FPR = 0.01
 
-# The tiny pipeline of the tests: tests/test_train.py's TINY flags, two steps.
-TINY_FLAGS = (
-    "--config.model.name=tiny-bert",
-    "--config.data.max_length=32",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-    "--config.train.steps=2",
-)
+# The tiny pipeline of the tests (configs/tiny.py), two steps.
+TINY_FLAGS = (*TINY_MODEL_FLAGS, "--config.train.steps=2")
 TINY_NUM_CANARIES = 20
 TINY_TRAIN_ROWS = 300
 DEFAULT_NUM_CANARIES = 1000

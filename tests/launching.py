@@ -4,17 +4,11 @@ import os
 import subprocess
 import sys
 
+from configs.tiny import FLAGS as TINY_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = [
-    "--config.model.name=tiny-bert",
-    "--config.data.max_length=32",
-    "--config.train.expected_batch_size=32",
-    "--config.train.physical_batch_size=16",
-    "--config.train.microbatch_size=8",
-    "--config.train.eval_batch_size=256",
-    "--config.train.learning_rate=1e-3",
-]
+TINY = list(TINY_FLAGS)
 
 
 def launch_env(extra=None) -> dict:
