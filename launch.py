@@ -74,6 +74,9 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
 
 
 if __name__ == "__main__":
+    from anadp import heap
+
+    heap.reexec_with_heap_settings()  # malloc settings for XLA's per-step buffers (anadp/heap.py)
     # Before DEFINE_config_file, which would already raise on an unknown field.
     _problem = config_flag_error(sys.argv)
     if _problem:

@@ -339,4 +339,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from anadp import heap
+
+    heap.reexec_with_heap_settings()  # as launch.py: the step is timed as training runs it
     app.run(main)
