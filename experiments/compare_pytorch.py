@@ -154,12 +154,33 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     p.add_argument("--methods", default="pytorch_eager_non_private,opacus_ghost_dp_sgd")
     p.add_argument("--out", default="pytorch.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the eager non-private step by operator (JSON _meta.profile_ms)")
     args = p.parse_args(argv)
     for name, value, low in (("batch_size", args.batch_size, 1), ("seq_len", args.seq_len, 1),
                              ("repeats", args.repeats, 1), ("warmup", args.warmup, 0), ("threads", args.threads, 0)):
         if value < low:
             p.error(f"--{name}={value}: must be >= {low}")
     return args
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profile_step(step, steps: int = 2) -> dict[str, float]:
+    """Self CPU milliseconds per step by ATen operator (matrix products summed),
+    from torch.profiler over `steps` calls of `step`: the counterpart of
+    experiments/profile_step.py."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    per_op = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+    out = {"matrix products (" + ", ".join(MATMULS) + ")": sum(per_op.pop(k, 0.0) for k in MATMULS)}
+    out.update(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 BUILDERS = {"pytorch_eager_non_private": eager_step, "opacus_ghost_dp_sgd": opacus_ghost_step}
@@ -195,6 +216,13 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(),
     }
+    if args.profile:
+        profile_ms = profile_step(eager_step(args.model, batch))
+        out["_meta"]["profile_ms"] = profile_ms
+        total = sum(profile_ms.values())
+        print(f"eager non-private step by operator (self CPU, {total:.0f} ms in all):")
+        for op, ms in list(profile_ms.items())[:8]:
+            print(f"  {ms:8.1f} ms  {100 * ms / total:5.1f}%  {op}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)

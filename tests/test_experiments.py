@@ -426,6 +426,22 @@ def test_benchmark_refuses_a_pytorch_json_of_other_shapes(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_profile_step_attributes_the_pass_to_operation_kinds(tmp_path):
+    """profile_step.py on tiny-bert: every traced thunk is attributed to a kind, the
+    matrix products are found, and the shares add up (no timing is asserted)."""
+    import subprocess
+
+    table = tmp_path / "profile.md"
+    args = [sys.executable, os.path.join(ROOT, "experiments", "profile_step.py"), "--model=tiny-bert",
+            "--batch_size=4", "--seq_len=8", "--engine=ghost", "--method=dp_sgd", "--steps=1", f"--table={table}"]
+    subprocess.run(args, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines() if line.startswith("| ")]
+    shares = {kind.strip(): float(share.strip().rstrip("%")) for kind, _, share in rows[1:-1]}
+    assert shares["matrix products"] > 0
+    assert abs(sum(shares.values()) - 100) < 0.5
+    assert rows[-1][0].strip() == "all operations"
+
+
 # --- analysis: by-step paired differences, allocation spread ---------------------------
 
 
