@@ -40,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchmark  # noqa: E402
-from anadp import models  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --model, --finetune, --engine, --dtype, --batch_size and --seq_len are benchmark.py's flags.
