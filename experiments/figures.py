@@ -13,7 +13,7 @@ from collections import defaultdict
 from experiments.formatting import method_rank, short_number
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,14 +22,14 @@ def _pyplot():
     return plt
 
 
-def _sd_or_zero(a: dict) -> float:
+def sd_or_zero(a: dict) -> float:
     """A setting's sd for error bars (0 for a single seed)."""
     return a["sd"] if math.isfinite(a["sd"]) else 0.0
 
 
-def _reference_band(ax, a: dict, color, label: str) -> None:
+def reference_band(ax, a: dict, color, label: str) -> None:
     """A reference setting drawn across the panel: its mean as a dashed line, mean ± sd as a band."""
-    sd = _sd_or_zero(a)
+    sd = sd_or_zero(a)
     ax.axhspan(a["mean"] - sd, a["mean"] + sd, color=color, alpha=0.2)
     ax.axhline(a["mean"], color=color, ls="--", lw=1.2, label=f"{label} (n={a['n']})")
 
@@ -43,7 +43,7 @@ def panel_axes(plt, count: int, columns: int, size: tuple[float, float]):
     return fig, axes
 
 
-def _save(plt, fig, path: str) -> None:
+def save(plt, fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -59,7 +59,7 @@ def _series_name(method: str, label: str, lr, lrs: set) -> str:
     return name
 
 
-def _epsilon_axis(ax, epsilons: list[float]) -> None:
+def epsilon_axis(ax, epsilons: list[float]) -> None:
     ax.set_xscale("log")
     if epsilons:
         ax.set_xticks(epsilons, [short_number(e) for e in epsilons])
@@ -83,7 +83,7 @@ def _epsilon_panel(plt, ax, key: tuple, settings: list[dict]) -> None:
     for (method, label, lr), points in ordered:
         color = next(colors)
         if method == "non_private":
-            _reference_band(ax, points[0], color, "non-private")
+            reference_band(ax, points[0], color, "non-private")
             continue
         points = sorted((p for p in points if p["target_epsilon"] is not None), key=lambda p: p["target_epsilon"])
         if not points:
@@ -92,9 +92,9 @@ def _epsilon_panel(plt, ax, key: tuple, settings: list[dict]) -> None:
         shift = 1.0 + min(0.025, 0.4 / max(num_private, 1)) * (offset - (num_private - 1) / 2)
         offset += 1
         ax.errorbar([p["target_epsilon"] * shift for p in points], [p["mean"] for p in points],
-                    yerr=[_sd_or_zero(p) for p in points], marker="o", ms=4, capsize=3, color=color,
+                    yerr=[sd_or_zero(p) for p in points], marker="o", ms=4, capsize=3, color=color,
                     label=_series_name(method, label, lr, lrs_of[(method, label)]))
-    _epsilon_axis(ax, sorted({a["target_epsilon"] for a in settings if a["target_epsilon"] is not None}))
+    epsilon_axis(ax, sorted({a["target_epsilon"] for a in settings if a["target_epsilon"] is not None}))
     ax.set_xlabel("target ε")
     ax.set_ylabel(f"dev {settings[0]['main_metric']}")
     ax.set_title(f"{task} / {finetune}\n{model}, {steps} steps", fontsize=10)
@@ -111,11 +111,11 @@ def plot_accuracy_vs_epsilon(aggregates: list[dict], path: str) -> None:
     keys = sorted(panels)
     if not keys:
         return
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = panel_axes(plt, len(keys), min(3, len(keys)), (6.2, 4.2))
     for ax, key in zip(axes.flat, keys):
         _epsilon_panel(plt, ax, key, panels[key])
-    _save(plt, fig, path)
+    save(plt, fig, path)
 
 
 def _budget_key(a: dict) -> tuple:
@@ -135,7 +135,7 @@ def _sweep_panel(ax, key: tuple, sweep: list[dict], baseline: dict | None) -> No
     """One budget: metric against gamma per (clipping, importance, rho), DP-SGD as a band."""
     task, model, finetune, budget, steps, _ = key
     if baseline is not None:
-        _reference_band(ax, baseline, "0.4", "DP-SGD")
+        reference_band(ax, baseline, "0.4", "DP-SGD")
     lines: dict[tuple, list[dict]] = defaultdict(list)
     for a in sweep:
         lines[(a["clipping"], a["importance"], float(a["rho"]))].append(a)
@@ -144,7 +144,7 @@ def _sweep_panel(ax, key: tuple, sweep: list[dict], baseline: dict | None) -> No
         ns = sorted({a["n"] for a in points})
         label = f"{importance}, ρ={short_number(rho)}" + ("" if clipping == "elliptical" else f", {clipping}")
         ax.errorbar([float(a["gamma"]) for a in points], [a["mean"] for a in points],
-                    yerr=[_sd_or_zero(a) for a in points],
+                    yerr=[sd_or_zero(a) for a in points],
                     marker="o", ms=4, capsize=3, label=f"{label} (n={'/'.join(map(str, ns))})")
     budget_text = f"ε={short_number(budget[1])}" if budget[0] == "eps" else f"σ={short_number(budget[1])}"
     ax.set_xlabel("γ (> 0: less noise on important groups, the paper's direction; < 0: more)")
@@ -160,11 +160,11 @@ def plot_sweep(aggregates: list[dict], path: str) -> bool:
     sweeps = _sweeps(aggregates)
     if not sweeps:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     baselines = {_budget_key(a): a for a in aggregates if a["method"] == "dp_sgd"}
     keys = sorted(sweeps)
     fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         _sweep_panel(ax, key, sweeps[key], baselines.get(key))
-    _save(plt, fig, path)
+    save(plt, fig, path)
     return True

@@ -442,6 +442,22 @@ def test_profile_step_attributes_the_pass_to_operation_kinds(tmp_path):
     assert rows[-1][0].strip() == "all operations"
 
 
+def test_recipe_figure_takes_each_series_at_its_full_length_and_learning_rate():
+    from experiments import recipe_figure
+
+    def setting(finetune, eps, steps, lr, settings="pooling=mean", method="dp_sgd"):
+        return {"finetune": finetune, "method": method, "settings": settings, "target_epsilon": eps,
+                "steps": steps, "learning_rate": lr}
+
+    aggregates = [setting("full", 3.0, 90, 1e-3), setting("full", 1.0, 90, 1e-3), setting("full", 3.0, 22, 1e-3),
+                  setting("full", 3.0, 90, 5e-4), setting("full", 3.0, 90, 1e-3, settings=""),
+                  setting("full", None, 90, 1e-4, method="non_private")]
+    points = recipe_figure.series_points(aggregates, "full", "dp_sgd", "pooling=mean", 1e-3)
+    assert [(p["target_epsilon"], p["steps"], p["learning_rate"]) for p in points] == [(1.0, 90, 1e-3), (3.0, 90, 1e-3)]
+    assert len(recipe_figure.series_points(aggregates, "full", "dp_sgd", "pooling=mean", None)) == 3
+    assert recipe_figure.series_points(aggregates, "lora", "dp_sgd", "", None) == []
+
+
 # --- analysis: by-step paired differences, allocation spread ---------------------------
 
 
