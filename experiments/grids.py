@@ -174,6 +174,13 @@ GRIDS: dict[str, Grid] = {
         recipe_changes(RT, [{**MEAN_FULL, "train.learning_rate": lr} for lr in (5e-4, 2e-3)]),
         (0,),
     ),
+    "rt_strong": Grid(
+        "Rotten Tomatoes, mean pooling, full fine-tuning, lr 1e-3 (the best private setting of the recipe "
+        "search): ANADP as the paper describes it (elliptical, elementwise, gamma 0.5, rho 2) against "
+        "DP-SGD at epsilon 1, 3, 8, 3 paired seeds (the DP-SGD cells are rt_recipe_full's)",
+        epsilon_sweep(RT, MEAN_FULL)
+        + [t for e in EPSILONS for t in recipe_changes(RT, [MEAN_FULL], method="anadp", epsilon=e)],
+    ),
     "rt_profile": Grid(
         "Rotten Tomatoes, LoRA, epsilon 3: ANADP with the private_profile importance, gamma x rho "
         "(+ DP-SGD baseline)",
