@@ -14,19 +14,14 @@ experiments/grid.py collect does; n is in each legend entry.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import defaultdict
 
-from absl import app, flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import collect, figures  # noqa: E402
-
-FLAGS = flags.FLAGS
-flags.DEFINE_list("roots", [], "grid roots whose cells to read")
-flags.DEFINE_string("out", "", "the PNG to write")
 
 # (legend, fine-tuning mode, method, the cells' recipe label, learning rate or None for any)
 PRIVATE_SERIES = (
@@ -88,16 +83,21 @@ def plot(aggregates: list[dict], path: str) -> None:
     figures.save(plt, fig, path)
 
 
-def main(argv):
-    del argv
-    if not FLAGS.roots or not FLAGS.out:
-        raise app.UsageError("--roots and --out are required")
-    rows = collect.load_rows(FLAGS.roots)
+def main(argv=None) -> int:
+    # argparse, not absl flags: tests import this module beside benchmark.py, whose
+    # absl flags (--out among them) would then be defined twice.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--roots", required=True, help="comma-separated grid roots whose cells to read")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    roots = [r for r in args.roots.split(",") if r]
+    rows = collect.load_rows(roots)
     if not rows:
-        raise app.UsageError(f"no finished cells under {', '.join(FLAGS.roots)}")
-    plot(collect.aggregate(rows), FLAGS.out)
-    print(f"wrote {FLAGS.out} from {len(rows)} runs")
+        parser.error(f"--roots={args.roots}: no finished cells there")
+    plot(collect.aggregate(rows), args.out)
+    print(f"wrote {args.out} from {len(rows)} runs")
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
