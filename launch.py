@@ -49,13 +49,18 @@ def config_flag_error(argv: list[str]) -> str | None:
     return None
 
 
+def module_from_file(name: str, path: str):
+    """The module in the file `path`, executed as `name` without importing its package."""
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`get_config(argument)` of `path[:argument]`, as config_flags calls it."""
     path, *argument = spec.split(":", 1)
-    module_spec = importlib.util.spec_from_file_location("_launch_config_check", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(*argument)
+    return module_from_file("_launch_config_check", path).get_config(*argument)
 
 
 def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
@@ -74,9 +79,11 @@ def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
 
 
 if __name__ == "__main__":
-    from anadp import heap
-
-    heap.reexec_with_heap_settings()  # malloc settings for XLA's per-step buffers (anadp/heap.py)
+    # Malloc settings for XLA's per-step buffers, before anything else: loaded by
+    # path, since importing the anadp package (jax) here would be done again
+    # by the re-executed process.
+    module_from_file("_anadp_heap", os.path.join(os.path.dirname(os.path.abspath(__file__)), "anadp", "heap.py")
+                     ).reexec_with_heap_settings()
     # Before DEFINE_config_file, which would already raise on an unknown field.
     _problem = config_flag_error(sys.argv)
     if _problem:

@@ -5,20 +5,20 @@ gradients, temporaries: hundreds of MB per pass) with malloc and frees it when
 the step ends. With glibc's defaults each large buffer is a fresh `mmap` that
 is unmapped on free, and the heaps of the thread-pool arenas are trimmed back
 to the kernel: every step faults every page of every buffer in again and the
-kernel zeroes it. Measured on the 2-core CPU here (MiniLM-L6, full fine-tuning,
-batch 32, length 128, experiments/benchmark.py): the non-private step 2.14 ->
-1.98 s and DP-SGD's 2.61 -> 2.34 s, with 7.0M -> 1.0M page faults. The default
-LoRA run, whose buffers are smaller, faults 64M -> 0.7M times but takes as
-long (315 vs 317 s). One arena and no trimming keep freed memory in one heap
-that the next step reuses; the price is that the resident size stays at its
-peak plus the 1 GB pad (default run: 1.9 -> 2.8 GB).
+kernel zeroes it. With the settings a full fine-tuning step is about 10%
+faster and faults 7 times less; the default LoRA run takes as long (README,
+Speed, for the measurements). One arena and no trimming keep freed memory in
+one heap that the next step reuses; the price is that the resident size stays
+at its peak plus the 1 GB pad.
 
 These are environment variables glibc reads when the process starts (set from
 inside a running interpreter with `mallopt`, they removed only half of the
 faults), so `reexec_with_heap_settings` starts the program again with them.
-Entry points (launch.py, experiments/benchmark.py) call it first thing; the
-library never does on import. Set `ANADP_HEAP_SETTINGS=0` to keep the
-process's own malloc behaviour; a variable the user already set is kept.
+Entry points (launch.py, experiments/benchmark.py, profile_step.py) call it
+first thing; the library never does on import. This module imports nothing
+from the package, so launch.py loads it by path before jax is imported. Set
+`ANADP_HEAP_SETTINGS=0` to keep the process's own malloc behaviour; a variable
+the user already set is kept.
 """
 
 from __future__ import annotations
