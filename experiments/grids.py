@@ -106,6 +106,17 @@ MEAN_FULL_NON_PRIVATE = {**MEAN_POOLING, "model.finetune": "full",
                          "train.learning_rate": LEARNING_RATES[("full", "non_private")]}
 
 
+# One change at a time from MEAN_FULL (C 1, clip, constant lr, 3 epochs of expected
+# batch 256), the clipping levers first: the DP fine-tuning literature clips every
+# example (C 0.1, Li et al.) or normalises it (Bu et al.), and decays the lr linearly.
+FULL_LEVERS = [
+    {"privacy.clip_fn": "automatic"},
+    {"privacy.l2_norm_clip": 0.1},
+    {"train.schedule": "linear"},
+    {"train.epochs": 6.0},
+]
+
+
 def epsilon_sweep(config: str, change: dict[str, Any], epsilons=EPSILONS) -> list[Template]:
     return [t for e in epsilons for t in recipe_changes(config, [change], epsilon=e)]
 
@@ -172,6 +183,12 @@ GRIDS: dict[str, Grid] = {
         "Rotten Tomatoes, mean pooling, full fine-tuning, DP-SGD at epsilon 3, seed 0: learning rates "
         "around 1e-3",
         recipe_changes(RT, [{**MEAN_FULL, "train.learning_rate": lr} for lr in (5e-4, 2e-3)]),
+        (0,),
+    ),
+    "rt_recipe_full_levers": Grid(
+        "Rotten Tomatoes, mean pooling, full fine-tuning, DP-SGD at epsilon 3, seed 0: one change at a time "
+        "from the recipe (per-example normalisation, C 0.1, linear decay, 6 epochs)",
+        recipe_changes(RT, [{**MEAN_FULL, **change} for change in FULL_LEVERS]),
         (0,),
     ),
     "sst2_recipe_full": Grid(
