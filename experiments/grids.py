@@ -206,6 +206,18 @@ GRIDS: dict[str, Grid] = {
         epsilon_sweep(RT, MEAN_FULL)
         + [t for e in EPSILONS for t in recipe_changes(RT, [MEAN_FULL], method="anadp", epsilon=e)],
     ),
+    "rt_strong_lora": Grid(
+        "Rotten Tomatoes, mean pooling, LoRA (the other fine-tuning mode of rt_strong) at epsilon 3: "
+        "the paper's ANADP against DP-SGD, 3 paired seeds",
+        recipe_changes(RT, [MEAN_POOLING]) + recipe_changes(RT, [MEAN_POOLING], method="anadp"),
+    ),
+    "rt_strong_lora_sweep": Grid(
+        "Rotten Tomatoes, mean pooling, LoRA, epsilon 3, seed 0: ANADP gamma x rho around the paper's "
+        "(gamma 0.5, rho 2: rt_strong_lora's cell)",
+        [(config, {**fields, **MEAN_POOLING})
+         for config, fields in anadp_product(RT, epsilon=[3.0], gamma=[-0.5, 0.5, 1.0], rho=[2.0, 4.0])],
+        (0,),
+    ),
     "rt_profile": Grid(
         "Rotten Tomatoes, LoRA, epsilon 3: ANADP with the private_profile importance, gamma x rho "
         "(+ DP-SGD baseline)",
