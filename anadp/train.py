@@ -346,7 +346,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, start_time: float, fre
 
     if not last_eval:  # resumed after the final step: evaluate the restored parameters
         last_eval = eval_all(state.trainable)
-    summary = _summary(config, ledgers, task, trainable, last_eval, total_steps, start_time)
+    summary = _summary(config, ledgers, task, model, trainable, last_eval, total_steps, start_time)
     write_summary(workdir, summary, log.records)
     return summary
 
@@ -368,7 +368,7 @@ def _eval_record(config, ledgers: RunAccounting, step: int, realised: int, evalu
     return record
 
 
-def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, total_steps: int,
+def _summary(config, ledgers: RunAccounting, task, model, trainable, last_eval: dict, total_steps: int,
              start_time: float) -> dict:
     p, private, mechanism = config.privacy, ledgers.private, ledgers.mechanism
     num_train = len(task.train["labels"])
@@ -378,6 +378,7 @@ def _summary(config, ledgers: RunAccounting, task, trainable, last_eval: dict, t
         "method": p.method,
         "finetune": config.model.finetune,
         "model": config.model.name,
+        "pooling": model.pooling,  # what the model used: config.model.pooling "auto" resolved
         "epsilon": ledgers.epsilon(),
         "target_epsilon": p.epsilon if private and p.noise_multiplier == 0 else None,
         "delta": ledgers.delta if private else None,

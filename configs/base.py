@@ -17,7 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.lora_alpha = 16.0
     config.model.lora_dropout = 0.0
     config.model.lora_targets = "query,value"  # comma-separated module names, or "all"
-    config.model.pooling = "cls"  # cls (BERT pooler) | mean (masked token mean, BERT only) | auto (as the checkpoint)
+    # auto: as the checkpoint was trained (mean for a mean-pooled sentence-transformers
+    # model such as all-MiniLM-L6-v2, else BERT's pooler); cls (BERT's pooler) | mean
+    # (masked token mean, BERT only). RoBERTa keeps its own head.
+    config.model.pooling = "auto"
     config.model.head_init = "normal"  # normal (N(0, initializer_range)) | zeros (zero logits at init)
     config.model.dropout = False  # dropout during training (HF config rates)
 

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from experiments.formatting import short_number
-from experiments.grids import GRIDS, Grid
+from experiments.grids import GRIDS, PINNED, Grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,11 +170,12 @@ def matches(name: str, only: list[str] | None) -> bool:
 
 
 def _overrides(config, template: dict[str, Any], seed: int, set_pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """A cell's typed overrides in command-line order: the template, the seed, then --set."""
+    """A cell's typed overrides in command-line order: the pinned recipe, the template,
+    the seed, then --set (a later value of a field replaces an earlier one)."""
     overrides: dict[str, Any] = {}
     # Seeded randomness: cells that share a seed share their batches and noise, which
     # is what pairs them; every summary records the mode (METHOD.md, "Randomness").
-    for dotted, value in {**template, "train.seed": seed, "privacy.randomness": "seeded"}.items():
+    for dotted, value in {**PINNED, **template, "train.seed": seed, "privacy.randomness": "seeded"}.items():
         overrides[dotted] = coerce(config, dotted, value)
     for dotted, text in set_pairs:
         overrides.pop(dotted, None)  # --set wins, and goes last on the command line

@@ -113,7 +113,7 @@ def run_row(workdir: str, summary: dict, command: str) -> dict:
         "gamma": priv.get("gamma", "") if anadp else "",
         "rho": priv.get("rho", "") if anadp else "",
         "learning_rate": config.get("train", {}).get("learning_rate"),
-        "recipe": recipe_label(config),
+        "recipe": recipe_label(config, summary.get("pooling")),
         # a missing target (non-private) may be stored as "" or None
         "target_epsilon": None if summary.get("target_epsilon") in (None, "") else summary["target_epsilon"],
         "epsilon": summary.get("epsilon"),
@@ -181,12 +181,17 @@ RECIPE_DEFAULTS = {
 }
 
 
-def recipe_label(config: dict) -> str:
-    """The recipe fields of a run's config that differ from RECIPE_DEFAULTS, e.g. "pooling=mean"."""
+def recipe_label(config: dict, pooling: str | None = None) -> str:
+    """The recipe fields of a run's config that differ from RECIPE_DEFAULTS, e.g. "pooling=mean".
+
+    `pooling`: the pooling the run's summary says its model used, which replaces the
+    config's (where that is "auto", resolved against the checkpoint)."""
     changed = []
     for dotted, default in RECIPE_DEFAULTS.items():
         group, field = dotted.split(".")
         value = config.get(group, {}).get(field, default)
+        if dotted == "model.pooling" and pooling:
+            value = pooling
         if value != default:
             changed.append(f"{field}={short_number(value) if isinstance(value, float) else value}")
     return ", ".join(changed)

@@ -21,6 +21,12 @@ PAIRED_SEEDS = (0, 1, 2, 3, 4)
 
 Template = tuple[str, dict[str, Any]]
 
+# The recipe every grid was written against: configs/base.py's LoRA, [CLS] pooler and
+# lr 1e-2, the defaults of every committed cell. Each cell's command states them
+# (before its template, which overrides them), so that a later change of the configs'
+# defaults leaves what a grid runs, and the name of each cell, as they were.
+PINNED = {"model.finetune": "lora", "model.pooling": "cls", "train.learning_rate": 1e-2}
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:

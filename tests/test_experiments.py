@@ -61,6 +61,27 @@ def test_dry_run_rt_main_commands(tmp_path, capsys):
     assert not any("epsilon" in flag for flag in commands[0].split())  # non-private: no epsilon
 
 
+def test_grids_pin_the_recipe_they_were_written_against(monkeypatch):
+    """A new default in the configs (pooling, fine-tuning mode, lr) changes no cell's name or config."""
+    import experiments.cells as cells
+
+    def cells_of_every_grid():
+        return {g: [(c.name, c.effective) for c in plan(g, "/tmp/unused", seeds=(0,))] for g in GRIDS}
+
+    before = cells_of_every_grid()
+    load_config = cells.load_config
+
+    def with_new_defaults(spec):
+        config = load_config(spec)
+        config.model.pooling, config.model.finetune, config.train.learning_rate = "mean", "full", 1e-3
+        return config
+
+    monkeypatch.setattr(cells, "load_config", with_new_defaults)
+    assert cells_of_every_grid() == before
+    command = plan("rt_main", "/tmp/unused", seeds=(0,))[1].command
+    assert "--config.model.pooling=cls" in command and "--config.model.finetune=lora" in command
+
+
 def test_grid_sizes_and_names_are_unique():
     counts = {name: len(plan(name, "/tmp/unused")) for name in GRIDS}
     # rt_main: 3 seeds x (1 non-private + 2 methods x 3 eps); sst2_main adds full FT (3 cells) per seed.
@@ -246,6 +267,15 @@ def write_fake_runs(root):
     os.makedirs(os.path.join(root, "unfinished", "checkpoints", "2"))
     with open(os.path.join(root, "anadp-elliptical-3.0-seed0", "command.txt"), "w") as f:
         f.write("python launch.py --the-exact-command\n")
+
+
+def test_recipe_label_shows_the_pooling_the_run_used():
+    from experiments.collect import recipe_label
+
+    auto = {"model": {"pooling": "auto"}, "privacy": {"l2_norm_clip": 0.1}}
+    assert recipe_label(auto, "mean") == "pooling=mean, l2_norm_clip=0.1"
+    assert recipe_label(auto, "cls") == "l2_norm_clip=0.1"
+    assert recipe_label({"model": {"pooling": "mean"}}) == "pooling=mean"  # summaries before "pooling" was recorded
 
 
 def test_collect_tables_and_figure(tmp_path):

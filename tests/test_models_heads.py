@@ -169,7 +169,9 @@ def test_config_fields_are_validated_with_the_field_named(field, value):
     from configs import base
 
     config = base.get_config()
-    assert (config.model.pooling, config.model.head_init) == ("cls", "normal")
+    assert (config.model.pooling, config.model.head_init) == ("auto", "normal")
+    # The default checkpoint was trained as a mean-pooled sentence encoder, so "auto" is mean for it.
+    assert M.resolve_pooling(config.model.name, config.model.pooling) == "mean"
     for pooling in M.POOLING_CHOICES:
         for head_init in M.HEAD_INITS:
             config.model.pooling, config.model.head_init = pooling, head_init

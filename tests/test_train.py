@@ -25,6 +25,7 @@ def test_launch_writes_summary_metrics_and_plots(tmp_path, cache_env):
                 "nonprivate/wall_time_s", "randomness"]:
         assert key in summary
     assert summary["method"] == "anadp" and summary["steps"] == 4
+    assert summary["pooling"] == "cls"  # "auto" resolved: random weights were trained with no pooling
     assert 0 < summary["epsilon"] <= 3.0 + 1e-3
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
