@@ -157,6 +157,18 @@ def split_list(values: list[str] | None) -> list[str]:
     return [v for item in values or [] for v in item.split(",") if v.strip()]
 
 
+def config_for_command(command: list[str]) -> dict:
+    """The resolved config (a nested dict) a launch.py command runs: its --config file,
+    then its --config.<field>=<value> flags in order (launch.py's other flags are ignored)."""
+    spec = next((a.split("=", 1)[1] for a in command if a.startswith("--config=")), "configs/default.py")
+    config = load_config(spec)
+    for arg in command:
+        if arg.startswith("--config.") and "=" in arg:
+            dotted, text = arg[len("--config."):].split("=", 1)
+            _apply(config, {dotted: coerce(config, dotted, text)})
+    return config.to_dict()
+
+
 def path_for_commands(path: str) -> str:
     """A path as commands and tables show it: relative to the repository when inside it."""
     path = os.path.abspath(path)

@@ -63,9 +63,10 @@ from anadp import accounting  # noqa: E402
 from anadp import audit_one_run as aor  # noqa: E402
 from configs.tiny import FLAGS as TINY_MODEL_FLAGS  # noqa: E402
 from configs.tuned import LEARNING_RATES  # noqa: E402
-from experiments.cells import path_for_commands  # noqa: E402
+from experiments.cells import config_for_command, path_for_commands  # noqa: E402
 from experiments.membership_data import build_audit_data, task_splits, write_audit_data  # noqa: E402
 from experiments.membership_table import git_commit, markdown, write_tables  # noqa: E402
+from experiments.runner import config_conflicts  # noqa: E402
 
 DEFAULT_OUT = os.path.join("experiments", "results", "membership_audit")
 DEFAULT_CONFIG = "configs/default.py"
@@ -103,6 +104,10 @@ class Row:
         return flags + list(self.flags)
 
 
+# The recipe the committed table ran with (configs/default.py at its commit: LoRA,
+# BERT's [CLS] pooler, lr 1e-2), pinned so that the audit stays the same when the
+# default moves. --extra flags come after these and override them in every row.
+AUDITED_RECIPE = ("--config.model.finetune=lora", "--config.model.pooling=cls", "--config.train.learning_rate=0.01")
 # Non-private LoRA learns with a smaller rate than the private default (as in grid rt_main).
 _NON_PRIVATE = Row("non_private", "non_private",
                    flags=(f"--config.train.learning_rate={LEARNING_RATES[('lora', 'non_private')]:g}",))
@@ -137,7 +142,7 @@ def launch_command(row: Row, out: str, args) -> list[str]:
     ]
     tiny = list(TINY_FLAGS) if args.tiny else []
     return [sys.executable, "launch.py", f"--config={args.config}", f"--workdir={row_dir(shown, row)}",
-            *data, *tiny, *row.config_flags(), *args.extra]
+            *data, *AUDITED_RECIPE, *tiny, *row.config_flags(), *args.extra]
 
 
 def row_dir(out: str, row: Row) -> str:
@@ -171,15 +176,15 @@ def train_row(row: Row, command: list[str], out: str) -> tuple[int, float]:
     return status, time.time() - start
 
 
-def check_same_command(row: Row, command: list[str], out: str) -> None:
-    """A finished row is reused only if it was run with the same flags."""
-    path = os.path.join(row_dir(out, row), "command.txt")
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        previous = f.read().strip()
-    if previous != flags_text(command):
-        raise ValueError(f"row {row.name} finished with other flags ({previous}) than now ({flags_text(command)}); "
+def check_same_config(row: Row, command: list[str], summary: dict) -> None:
+    """A finished row is reused only if it ran the config `command` runs, field by field
+    (not flag by flag: a pinned flag may state what was then the default). The CSV
+    paths are left out: they differ between checkouts, and write_audit_data has
+    already refused other data in --out."""
+    conflicts = [c for c in config_conflicts(summary.get("config", {}), config_for_command(command))
+                 if not c.startswith(("data.train_file:", "data.dev_file:"))]
+    if conflicts:
+        raise ValueError(f"row {row.name} finished with another config than now ({'; '.join(conflicts[:5])}); "
                          "use another --out or delete that row's folder")
 
 
@@ -346,8 +351,9 @@ def run_audit(args, argv: list[str]) -> int:
     # Every run trains before any is scored: scoring imports JAX here, which on an
     # accelerator would hold memory that the training subprocesses need.
     for row in rows:
-        if read_summary(out, row) is not None:
-            check_same_command(row, commands[row.name], out)
+        summary = read_summary(out, row)
+        if summary is not None:
+            check_same_config(row, commands[row.name], summary)
             print(f"{row.name}: finished, skipped")
             continue
         if args.dry_run:

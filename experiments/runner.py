@@ -55,12 +55,17 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def config_conflicts(ran: dict, wanted: dict) -> list[str]:
+    """Fields of two nested configs that differ (fields only one of them has are
+    ignored: a run written by older code lacks the fields added since)."""
+    ran, wanted = _flatten(ran), _flatten(wanted)
+    return [f"{k}: ran {ran[k]!r}, wanted {wanted[k]!r}"
+            for k in sorted(wanted) if k in ran and not _same(ran[k], wanted[k])]
+
+
 def summary_conflicts(cell: Cell, summary: dict) -> list[str]:
     """Config fields where a finished run's summary disagrees with what the cell would run."""
-    stored = _flatten(summary.get("config", {}))
-    wanted = _flatten(cell.effective)
-    return [f"{k}: ran {stored[k]!r}, wanted {wanted[k]!r}"
-            for k in sorted(wanted) if k in stored and not _same(stored[k], wanted[k])]
+    return config_conflicts(summary.get("config", {}), cell.effective)
 
 
 def _summary_path(cell: Cell) -> str:

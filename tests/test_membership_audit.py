@@ -128,6 +128,38 @@ def test_plan_rows_and_their_flags():
     assert [r.name for r in ma.TINY_PLAN] == ["non_private", "dp_sgd_eps3"]
 
 
+def test_rows_train_the_audited_recipe_whatever_the_default(tmp_path):
+    # The committed table ran LoRA with the [CLS] pooler at lr 1e-2 (the default of
+    # its commit); configs/default.py has moved since, and the pin keeps the audit.
+    args = ma.parse_args([f"--out={tmp_path}"])
+    for row in ma.PLAN:
+        config = ma.config_for_command(ma.launch_command(row, str(tmp_path), args))
+        assert config["model"]["finetune"] == "lora" and config["model"]["pooling"] == "cls", row.name
+        assert config["train"]["learning_rate"] == pytest.approx(2e-3 if row.method == "non_private" else 1e-2)
+        assert config["privacy"]["method"] == row.method
+    # --extra comes last, so it changes every row's recipe.
+    args = ma.parse_args([f"--out={tmp_path}", "--extra=--config.model.finetune=full"])
+    assert ma.config_for_command(ma.launch_command(ma.PLAN[2], str(tmp_path), args))["model"]["finetune"] == "full"
+
+
+def test_a_finished_row_is_reused_only_with_the_same_config(tmp_path):
+    args = ma.parse_args([f"--out={tmp_path}"])
+    row = ma.PLAN[2]  # dp_sgd_eps3
+    command = ma.launch_command(row, str(tmp_path), args)
+    ran = ma.config_for_command(command)
+    # The same config spelled with fewer flags (a pinned value that is the default here),
+    # and other CSV paths (another checkout): reused.
+    ran_elsewhere = json.loads(json.dumps(ran))
+    ran_elsewhere["data"]["train_file"] = "/elsewhere/train.csv"
+    ma.check_same_config(row, command, {"config": ran_elsewhere})
+    ma.check_same_config(row, [a for a in command if a != "--config.model.pooling=cls"],
+                         {"config": {**ran, "model": {**ran["model"], "pooling": "auto"}}})
+    other = json.loads(json.dumps(ran))
+    other["model"]["finetune"] = "full"
+    with pytest.raises(ValueError, match="row dp_sgd_eps3 finished with another config.*model.finetune: ran 'full'"):
+        ma.check_same_config(row, command, {"config": other})
+
+
 def test_guess_counts_stop_at_m():
     assert ma.guess_counts(20, []) == [20]
     assert ma.guess_counts(1000, []) == [20, 50, 100, 200, 500, 1000]
