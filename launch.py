@@ -1,7 +1,7 @@
 """Launches one fine-tuning run: `python launch.py [--config=configs/<file>.py[:arg]] [--workdir=...]`.
 
-With no flags it runs the offline default (configs/default.py: MiniLM-L6 with
-LoRA on Rotten Tomatoes, ANADP at epsilon 3) into ./runs/default. Any config
+With no flags it runs the offline default (configs/default.py: MiniLM-L6, full
+fine-tuning on Rotten Tomatoes, ANADP at epsilon 3) into ./runs/default. Any config
 field can be overridden, e.g. `--config.privacy.epsilon=8`.
 """
 
