@@ -215,7 +215,8 @@ def test_evaluation_with_padded_batches_matches(runs):
 
 
 LAUNCH_FLAGS = [
-    "--config.model.name=tiny-bert", "--config.data.max_length=32", "--config.data.bucket_lengths=",
+    "--config.model.name=tiny-bert", "--config.model.finetune=lora", "--config.data.max_length=32",
+    "--config.data.bucket_lengths=",
     "--config.train.expected_batch_size=32", "--config.train.physical_batch_size=10",
     "--config.train.microbatch_size=5", "--config.train.eval_batch_size=250", "--config.train.learning_rate=1e-3",
     "--config.train.steps=3", "--config.train.eval_every=3",
