@@ -181,8 +181,8 @@ def check_same_config(row: Row, command: list[str], summary: dict) -> None:
     (not flag by flag: a pinned flag may state what was then the default). The CSV
     paths are left out: they differ between checkouts, and write_audit_data has
     already refused other data in --out."""
-    conflicts = [c for c in config_conflicts(summary.get("config", {}), config_for_command(command))
-                 if not c.startswith(("data.train_file:", "data.dev_file:"))]
+    conflicts = config_conflicts(summary.get("config", {}), config_for_command(command),
+                                 ignore=("data.train_file", "data.dev_file"))
     if conflicts:
         raise ValueError(f"row {row.name} finished with another config than now ({'; '.join(conflicts[:5])}); "
                          "use another --out or delete that row's folder")

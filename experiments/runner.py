@@ -55,12 +55,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def config_conflicts(ran: dict, wanted: dict) -> list[str]:
-    """Fields of two nested configs that differ (fields only one of them has are
-    ignored: a run written by older code lacks the fields added since)."""
+def config_conflicts(ran: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Fields of two nested configs that differ, apart from the dotted fields in `ignore`
+    (fields only one of them has are ignored too: a run written by older code lacks
+    the fields added since)."""
     ran, wanted = _flatten(ran), _flatten(wanted)
     return [f"{k}: ran {ran[k]!r}, wanted {wanted[k]!r}"
-            for k in sorted(wanted) if k in ran and not _same(ran[k], wanted[k])]
+            for k in sorted(wanted) if k in ran and k not in ignore and not _same(ran[k], wanted[k])]
 
 
 def summary_conflicts(cell: Cell, summary: dict) -> list[str]:
