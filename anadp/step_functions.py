@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from anadp import ghost, models, sharding
-from anadp.clipping import GradientSum, clipped_grad_sum
+from anadp.clipping import GradientSum, add_gradient_sums, clipped_grad_sum
 from anadp.noise import Mechanism
 
 
@@ -52,6 +52,7 @@ class StepFunctions:
     """The jitted pieces of a step. One compilation per batch shape (bucket)."""
 
     accumulate: Callable  # (trainable, frozen, scales, batch, mask) -> GradientSum (clipped, or plain)
+    add: Callable  # (running sum, pass sum) -> their sum; donates the running sum
     apply: Callable  # (state, summed, realised_count) -> state
     predict: Callable  # (trainable, frozen, batch) -> logits
 
@@ -117,6 +118,11 @@ def make_step_functions(model, mechanism: Mechanism | None, optimizer, config) -
     return StepFunctions(
         # Each device clips its own rows; the clipped sums are added across devices.
         accumulate=jax.jit(sharding.sum_over_devices(accumulate, num_replicated=3)),
+        # One program per pass, not one per parameter leaf. Besides the dispatch
+        # cost, XLA:CPU with several devices can deadlock when a device has more
+        # than its 32 in-flight computations queued behind a collective (the
+        # leafwise adds of a full fine-tuning pass were; tests/test_sharding.py).
+        add=jax.jit(add_gradient_sums, donate_argnums=(0,)),
         apply=jax.jit(apply, donate_argnums=(0,)),
         predict=jax.jit(predict),
     )

@@ -42,7 +42,7 @@ import numpy as np
 
 from anadp import accounting, checkpoint, importance, models, randomness, sampling, sharding
 from anadp._validate import mechanism_from_config, validate_config
-from anadp.clipping import GradientSum, add_gradient_sums
+from anadp.clipping import GradientSum
 from anadp.data.batching import bucket_length, parse_buckets, take_batch
 from anadp.noise import Mechanism, group_values
 from anadp.optimizer import make_optimizer
@@ -136,7 +136,7 @@ def sum_passes(fns: StepFunctions, mechanism: Mechanism | None, state: TrainStat
     summed = None
     for batch, mask in passes:
         part = fns.accumulate(state.trainable, frozen, scales, batch, mask)
-        summed = part if summed is None else add_gradient_sums(summed, part)
+        summed = part if summed is None else fns.add(summed, part)
     return summed
 
 
