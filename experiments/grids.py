@@ -120,6 +120,7 @@ FULL_LEVERS = [
     {"privacy.l2_norm_clip": 0.1},
     {"train.schedule": "linear"},
     {"train.epochs": 6.0},
+    {"model.finetune": "frozen_embeddings"},
 ]
 
 
@@ -193,7 +194,7 @@ GRIDS: dict[str, Grid] = {
     ),
     "rt_recipe_full_levers": Grid(
         "Rotten Tomatoes, mean pooling, full fine-tuning, DP-SGD at epsilon 3, seed 0: one change at a time "
-        "from the recipe (per-example normalisation, C 0.1, linear decay, 6 epochs)",
+        "from the recipe (per-example normalisation, C 0.1, linear decay, 6 epochs, frozen embeddings)",
         recipe_changes(RT, [{**MEAN_FULL, **change} for change in FULL_LEVERS]),
         (0,),
     ),

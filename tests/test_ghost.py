@@ -87,6 +87,7 @@ def assert_clipped_sums_equal(ref, got, where):
         ("roberta", "full", "global", None, False, "layer", 1),
         ("roberta", "lora", "elliptical", 4, True, "layer", 2),
         ("roberta", "bias", "global", 4, True, None, 1),
+        ("bert", "frozen_embeddings", "elliptical", 4, True, "layer", 1),
     ],
 )
 def test_ghost_equals_vmap(kind, finetune, mode, microbatch_size, use_mask, grouping, layers):

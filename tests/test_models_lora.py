@@ -145,7 +145,11 @@ def test_partition_modes():
     assert "pooler/bias" in names and "pooler/kernel" in names  # the pooler is part of BERT's head
     assert "encoder/layer_0/attention/query/kernel" not in names
     assert M.combine(bias, frozen).keys() == params.keys()
-    with pytest.raises(ValueError, match="unknown finetune mode 'adapter'.*full, lora, bias, head"):
+    encoder, frozen = M.partition(params, "frozen_embeddings")
+    assert {p[0] for p in _paths(frozen) if p[-1] != "lora_scale"} == {"embeddings"}
+    assert {p[0] for p in _paths(encoder)} == {"encoder", "pooler", "classifier"}
+    assert _paths(encoder) | _paths(frozen) == _paths(params)
+    with pytest.raises(ValueError, match="unknown finetune mode 'adapter'.*full, frozen_embeddings, lora, bias, head"):
         M.partition(params, "adapter")
     _, plain = M.from_config(M.tiny_bert_config(vocab_size=64), 3)
     with pytest.raises(ValueError, match="no LoRA factors.*LoraConfig"):

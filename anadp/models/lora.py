@@ -42,7 +42,12 @@ LAYER_DENSE_MODULES = (
 # A LoRA target standing for every entry of LAYER_DENSE_MODULES.
 ALL_TARGETS = "all"
 
-FINETUNE_MODES = ("full", "lora", "bias", "head")
+FINETUNE_MODES = ("full", "frozen_embeddings", "lora", "bias", "head")
+# What finetune="frozen_embeddings" keeps frozen: the embedding layer (word,
+# position and token-type tables and their LayerNorm). Its word table is half of
+# MiniLM-L6's parameters, and a private step adds noise to every row of it
+# although a batch's gradient touches only the rows of its own tokens.
+EMBEDDINGS = "embeddings"
 # The task head: everything between the encoder's last hidden states and the
 # logits. BERT's pooler (dense + tanh on [CLS]) is the counterpart of RoBERTa's
 # head dense layer (inside "classifier"), so it trains with the head in the
@@ -178,6 +183,8 @@ def _is_trainable(path: tuple[str, ...], finetune: str) -> bool:
         return False
     if finetune == "full":
         return True
+    if finetune == "frozen_embeddings":
+        return path[0] != EMBEDDINGS
     if finetune == "head":
         # BERT's pooler stays frozen: a linear probe on the pretrained pooled
         # vector. RoBERTa's "classifier" holds a dense layer before out_proj, so
@@ -199,6 +206,8 @@ def partition(params: Mapping, finetune: str) -> tuple[dict, dict]:
     ``vmap`` materialises - only the trainable leaves. ``combine`` inverts it.
 
     - ``"full"``: every parameter (LoRA factors too, if present);
+    - ``"frozen_embeddings"``: every parameter but the embedding layer's
+      (word, position and token-type tables, embedding LayerNorm);
     - ``"lora"``: ``lora_a``/``lora_b`` plus the classification head
       (BERT: ``pooler`` and ``classifier``; RoBERTa: ``classifier``, which
       holds its dense and projection layers);
