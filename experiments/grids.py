@@ -198,6 +198,11 @@ GRIDS: dict[str, Grid] = {
         recipe_changes(RT, [{**MEAN_FULL, **change} for change in FULL_LEVERS]),
         (0,),
     ),
+    "rt_recipe_frozen_embeddings": Grid(
+        "Rotten Tomatoes, mean pooling, full fine-tuning with the embedding layer frozen, DP-SGD at epsilon "
+        "1, 3, 8, 3 seeds (its epsilon 3 cells are rt_recipe_full_levers')",
+        epsilon_sweep(RT, {**MEAN_FULL, "model.finetune": "frozen_embeddings"}),
+    ),
     "sst2_recipe_full": Grid(
         "SST-2, 3 epochs of expected batch 1024 (197 steps), mean pooling: DP-SGD full fine-tuning at "
         "epsilon 1, 3, 8 against the private head-only baseline and non-private full fine-tuning, 3 seeds "
