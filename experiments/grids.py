@@ -115,12 +115,13 @@ MEAN_FULL_NON_PRIVATE = {**MEAN_POOLING, "model.finetune": "full",
 # One change at a time from MEAN_FULL (C 1, clip, constant lr, 3 epochs of expected
 # batch 256), the clipping levers first: the DP fine-tuning literature clips every
 # example (C 0.1, Li et al.) or normalises it (Bu et al.), and decays the lr linearly.
+FROZEN_EMBEDDINGS = {"model.finetune": "frozen_embeddings"}
 FULL_LEVERS = [
     {"privacy.clip_fn": "automatic"},
     {"privacy.l2_norm_clip": 0.1},
     {"train.schedule": "linear"},
     {"train.epochs": 6.0},
-    {"model.finetune": "frozen_embeddings"},
+    FROZEN_EMBEDDINGS,
 ]
 
 
@@ -201,7 +202,7 @@ GRIDS: dict[str, Grid] = {
     "rt_recipe_frozen_embeddings": Grid(
         "Rotten Tomatoes, mean pooling, full fine-tuning with the embedding layer frozen, DP-SGD at epsilon "
         "1, 3, 8, 3 seeds (its epsilon 3 cells are rt_recipe_full_levers')",
-        epsilon_sweep(RT, {**MEAN_FULL, "model.finetune": "frozen_embeddings"}),
+        epsilon_sweep(RT, {**MEAN_FULL, **FROZEN_EMBEDDINGS}),
     ),
     "sst2_recipe_full": Grid(
         "SST-2, 3 epochs of expected batch 1024 (197 steps), mean pooling: DP-SGD full fine-tuning at "
